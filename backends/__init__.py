@@ -1,0 +1,1 @@
+"""Datapath backends: one sub-package per proxy mode, behind one Backend protocol."""

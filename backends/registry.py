@@ -1,0 +1,54 @@
+"""Which proxy modes exist, whether this host can run them, and how to build them.
+
+Host checks run before anything else at start-up (before the kubeconfig is even read),
+so that an operator's first line of output is the one sentence that matters.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from backends.base import Backend, HostUnsupported
+from lbd.config import ProxyConfig
+
+
+def check_host(mode: str, variant: str = "auto") -> None:
+    """Raise HostUnsupported with one sentence when this host cannot run `mode`."""
+    if mode == "iptables":
+        wanted = {
+            "auto": ["iptables-restore"],
+            "legacy": ["iptables-legacy-restore"],
+            "nft": ["iptables-nft-restore"],
+        }[variant]
+        for binary in [*wanted, *(w.replace("iptables", "ip6tables") for w in wanted)]:
+            if shutil.which(binary) is None:
+                raise HostUnsupported(
+                    f"iptables mode needs the {binary} binary, which is not installed on this host."
+                )
+        return
+    if mode == "ipvs":
+        if not Path("/proc/net/ip_vs").exists():
+            raise HostUnsupported(
+                "ipvs mode needs a kernel with IPVS (CONFIG_IP_VS), and this kernel has none "
+                "(/proc/net/ip_vs is missing)."
+            )
+        raise HostUnsupported("ipvs mode is not implemented in this build of lbd yet.")
+    if mode == "ebpf":
+        build = Path("/lib/modules") / os.uname().release / "build"
+        if not (build / "include").exists() and not (build / "Makefile").exists():
+            raise HostUnsupported(
+                f"ebpf mode needs kernel headers for BCC at {build}, which is missing "
+                "(mount the host's /lib/modules and /usr/src, or run scripts/setup)."
+            )
+        raise HostUnsupported("ebpf mode is not implemented in this build of lbd yet.")
+    raise HostUnsupported(f"proxy mode {mode!r} is unknown (choose iptables, ipvs or ebpf).")
+
+
+def create_backend(cfg: ProxyConfig, netns: str | None = None) -> Backend:
+    if cfg.mode == "iptables":
+        from backends.iptables.backend import IptablesBackend
+
+        return IptablesBackend(variant=cfg.iptables_variant, netns=netns)
+    raise HostUnsupported(f"proxy mode {cfg.mode!r} is not implemented in this build of lbd yet.")

@@ -1,0 +1,1 @@
+"""Benchmarks: control-plane and data-plane comparisons of the proxy modes."""

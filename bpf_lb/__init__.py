@@ -1,0 +1,1 @@
+"""eBPF C programs and the Python mirrors of their map layouts."""

@@ -1,0 +1,167 @@
+"""`lbd run`: watch the API, keep a ProxyState, drive one backend, serve health and metrics.
+
+Nothing here decides Kubernetes semantics (lbd.model does) or touches the kernel (the
+backend does): this module wires reflectors → SyncRunner → backend together and owns
+the process lifecycle. On exit the datapath is left in place, as kube-proxy does, so a
+restart or upgrade never interrupts traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from contextlib import suppress
+
+import structlog
+
+from backends.registry import create_backend
+from lbd import log as lbd_log
+from lbd import metrics
+from lbd.config import ProxyConfig
+from lbd.health import HealthCheckServers, healthz_app, metrics_app, start_site
+from lbd.k8s import client as k8s_client
+from lbd.k8s.reflector import Reflector
+from lbd.k8s.store import Store
+from lbd.model.build import ModelConfig, ParseCache, Rejection, build_state, parse_node
+from lbd.model.parse import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
+from lbd.model.state import ProxyState
+from lbd.sync import SyncRunner
+
+log = structlog.get_logger()
+
+
+class Daemon:
+    def __init__(self, cfg: ProxyConfig) -> None:
+        self.cfg = cfg
+        self.node_name = cfg.node_name
+        self.services = Store()
+        self.slices = Store()
+        self.nodes = Store()
+        self._cache = ParseCache()
+        self._rejected: set[Rejection] = set()
+        self._model_cfg = ModelConfig(
+            node_name=self.node_name,
+            cluster_cidrs=cfg.cluster_cidrs,
+            masquerade_all=cfg.masquerade_all,
+            nodeport_addresses=cfg.nodeport_addresses,
+        )
+        self.backend = create_backend(cfg)
+        self.runner = SyncRunner(
+            self.build,
+            self.backend,
+            min_sync_period=cfg.min_sync_period,
+            sync_period=cfg.sync_period,
+            on_synced=self._on_synced,
+        )
+        self.health_checks = HealthCheckServers(self._health_check_hosts)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def build(self) -> ProxyState:
+        node = parse_node(self.nodes.get(self.node_name), self.node_name)
+        state, rejected = build_state(
+            self.services.values(), self.slices.values(), node, self._model_cfg, self._cache
+        )
+        current = set(rejected)
+        for rej in current - self._rejected:
+            log.warning("object.rejected", kind=rej.kind, object=rej.ref, reason=rej.reason)
+            metrics.INVALID_OBJECTS.labels(rej.kind).inc()
+        self._rejected = current
+        return state
+
+    def _health_check_hosts(self) -> list[str]:
+        # Health-check node ports listen wherever node ports do; with no nodeport
+        # addresses configured that is every address, as with kube-proxy.
+        return ["0.0.0.0", "::"]
+
+    def _on_synced(self, state: ProxyState) -> None:
+        task = asyncio.get_running_loop().create_task(self.health_checks.update(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_change(self, kind: str, _key: str | None = None) -> None:
+        if kind == "Service":
+            metrics.SERVICE_CHANGES.inc()
+        elif kind == "EndpointSlice":
+            metrics.ENDPOINT_CHANGES.inc()
+        self.runner.notify(time.monotonic())
+
+    async def run(self) -> None:
+        client = await k8s_client.ApiClient.from_config(self.cfg.kubeconfig, self.cfg.master)
+        not_ours = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+        reflectors = [
+            Reflector(
+                client,
+                k8s_client.SERVICES,
+                self.services,
+                label_selector=not_ours,
+                on_change=self._on_change,
+            ),
+            Reflector(
+                client,
+                k8s_client.ENDPOINT_SLICES,
+                self.slices,
+                label_selector=not_ours,
+                on_change=self._on_change,
+            ),
+            Reflector(
+                client,
+                k8s_client.NODES,
+                self.nodes,
+                field_selector=f"metadata.name={self.node_name}",
+                on_change=self._on_change,
+            ),
+        ]
+        ready = asyncio.Event()
+
+        async def wait_synced() -> None:
+            await asyncio.gather(*(r.synced.wait() for r in reflectors))
+            log.info("caches.synced", services=len(self.services), slices=len(self.slices))
+            ready.set()
+
+        runners = [
+            await start_site(
+                healthz_app(self.runner.status, 2 * self.cfg.sync_period + 10),
+                self.cfg.healthz_bind_address,
+            ),
+            await start_site(metrics_app(self.cfg.mode), self.cfg.metrics_bind_address),
+        ]
+        log.info(
+            "lbd.started",
+            mode=self.cfg.mode,
+            node=self.node_name,
+            healthz=self.cfg.healthz_bind_address,
+            metrics=self.cfg.metrics_bind_address,
+        )
+        try:
+            await asyncio.gather(
+                *(r.run() for r in reflectors), wait_synced(), self.runner.run(ready)
+            )
+        finally:
+            await self.health_checks.close()
+            for r in runners:
+                await r.cleanup()
+            await client.close()
+
+
+def main(cfg: ProxyConfig, log_level: str = "info") -> int:
+    lbd_log.configure(log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # plain asyncio still works, only slower
+        pass
+
+    async def _main() -> None:
+        daemon = Daemon(cfg)
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+        with suppress(asyncio.CancelledError):
+            await daemon.run()
+        log.info("lbd.stopped", reason="signal")
+
+    asyncio.run(_main())
+    return 0

@@ -1,0 +1,1 @@
+"""The backend-neutral model: parse Kubernetes objects, choose endpoints, build ProxyState."""

@@ -1,0 +1,135 @@
+"""ProxyState: the frozen, backend-neutral contract between the control plane and backends.
+
+Everything a backend needs to program a node is here, already decided: which frontends a
+service port has, and which endpoints serve cluster traffic and node-local traffic.
+Backends translate this; they never look at Kubernetes objects and never re-decide
+endpoint eligibility (that lives once, in lbd.model.endpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class IPFamily(IntEnum):
+    V4 = 4
+    V6 = 6
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """Identifies one port of one service (kube-proxy's ServicePortName)."""
+
+    namespace: str
+    name: str
+    port: str  # the port's name ("" for an unnamed single port)
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        suffix = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{suffix}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """One backend address:port of a service port, with its EndpointSlice conditions."""
+
+    ip: str
+    port: int
+    node_name: str = ""
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    zone_hints: frozenset[str] = frozenset()
+    is_local: bool = False  # node_name == this node
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One service port in one IP family, with its frontends and chosen endpoints.
+
+    A dual-stack service yields two ServicePorts (one per family) with the same name.
+    """
+
+    name: ServicePortName
+    family: IPFamily
+    cluster_ip: str
+    port: int
+    protocol: Protocol
+    node_port: int = 0  # 0: no node port
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()  # CIDRs of this family; () = all
+    session_affinity_timeout: int = 0  # seconds; 0: no ClientIP affinity
+    external_policy_local: bool = False  # externalTrafficPolicy: Local
+    internal_policy_local: bool = False  # internalTrafficPolicy: Local
+    health_check_node_port: int = 0
+    # Endpoints chosen by lbd.model.endpoints (topology + terminating fallback applied).
+    cluster_endpoints: tuple[Endpoint, ...] = ()
+    local_endpoints: tuple[Endpoint, ...] = ()
+    # Every endpoint of this port in the slices, eligible or not (for conntrack hygiene).
+    all_endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """A stable identifier (used to name chains, map keys, log lines)."""
+        return f"{self.name}/{self.protocol.value.lower()}/v{int(self.family)}"
+
+    @property
+    def has_external_frontends(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    @property
+    def internal_endpoints(self) -> tuple[Endpoint, ...]:
+        """Endpoints for traffic to the ClusterIP (internalTrafficPolicy applied)."""
+        return self.local_endpoints if self.internal_policy_local else self.cluster_endpoints
+
+    @property
+    def external_endpoints(self) -> tuple[Endpoint, ...]:
+        """Endpoints for NodePort/LB/externalIP traffic (externalTrafficPolicy applied)."""
+        return self.local_endpoints if self.external_policy_local else self.cluster_endpoints
+
+    @property
+    def used_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every endpoint some frontend of this port can send to, de-duplicated, sorted."""
+        seen = {*self.internal_endpoints}
+        if self.has_external_frontends:
+            seen.update(self.external_endpoints)
+        return tuple(sorted(seen))
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything one node's datapath must implement, for every family."""
+
+    node_name: str
+    node_ips: tuple[str, ...] = ()
+    zone: str = ""
+    cluster_cidrs: tuple[str, ...] = ()  # empty: cannot tell pod traffic; masquerade none
+    masquerade_all: bool = False
+    nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty: every local address
+    service_ports: Mapping[tuple[ServicePortName, IPFamily], ServicePort] = field(
+        default_factory=dict
+    )
+
+    def ports(self, family: IPFamily | None = None) -> Iterator[ServicePort]:
+        """Service ports in a stable order (optionally of one family)."""
+        for key in sorted(self.service_ports):
+            sp = self.service_ports[key]
+            if family is None or sp.family == family:
+                yield sp
+
+    def cidrs(self, family: IPFamily, cidrs: tuple[str, ...]) -> tuple[str, ...]:
+        want_v6 = family == IPFamily.V6
+        return tuple(c for c in cidrs if (":" in c) == want_v6)
