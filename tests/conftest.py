@@ -1,0 +1,40 @@
+"""Session-wide plumbing shared by every test folder.
+
+Owns two things only: skipping tests marked ``kernel`` where they cannot run
+(not root, no iproute2), and sweeping network namespaces that *earlier*,
+crashed runs left behind. Namespaces of a live session (another pytest or a
+demo running right now) are claimed by their process and are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from lbd.testing import netns
+
+
+def can_use_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+require_root = pytest.mark.skipif(
+    not can_use_netns(), reason="needs root and iproute2 to build network namespaces"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if can_use_netns():
+        return
+    skip = pytest.mark.skip(reason="kernel test: needs root and iproute2")
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_leftover_namespaces() -> None:
+    if can_use_netns():
+        netns.sweep(netns.DEFAULT_PREFIX)
