@@ -35,9 +35,9 @@ class Daemon:
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
         self.node_name = cfg.node_name
-        self.services = Store()
-        self.slices = Store()
-        self.nodes = Store()
+        self.services = Store("Service")
+        self.slices = Store("EndpointSlice")
+        self.nodes = Store("Node", namespaced=False)
         self._cache = ParseCache()
         self._rejected: set[Rejection] = set()
         self._model_cfg = ModelConfig(
@@ -56,8 +56,10 @@ class Daemon:
         )
         self.health_checks = HealthCheckServers(self._health_check_hosts)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._built_rv = 0
 
     def build(self) -> ProxyState:
+        self._built_rv = max(s.last_event_rv for s in (self.services, self.slices, self.nodes))
         node = parse_node(self.nodes.get(self.node_name), self.node_name)
         state, rejected = build_state(
             self.services.values(), self.slices.values(), node, self._model_cfg, self._cache
@@ -75,6 +77,7 @@ class Daemon:
         return ["0.0.0.0", "::"]
 
     def _on_synced(self, state: ProxyState) -> None:
+        metrics.SYNCED_RESOURCE_VERSION.set(self._built_rv)
         task = asyncio.get_running_loop().create_task(self.health_checks.update(state))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -87,7 +90,10 @@ class Daemon:
         self.runner.notify(time.monotonic())
 
     async def run(self) -> None:
-        client = await k8s_client.ApiClient.from_config(self.cfg.kubeconfig, self.cfg.master)
+        if self.cfg.master and not self.cfg.kubeconfig:
+            client = k8s_client.ApiClient.from_url(self.cfg.master)
+        else:
+            client = await k8s_client.ApiClient.from_config(self.cfg.kubeconfig)
         not_ours = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
         reflectors = [
             Reflector(
@@ -99,7 +105,7 @@ class Daemon:
             ),
             Reflector(
                 client,
-                k8s_client.ENDPOINT_SLICES,
+                k8s_client.ENDPOINTSLICES,
                 self.slices,
                 label_selector=not_ours,
                 on_change=self._on_change,

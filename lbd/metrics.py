@@ -70,3 +70,7 @@ INVALID_OBJECTS = Counter(
 )
 SERVICE_PORTS = Gauge("lbd_service_ports", "Service ports programmed, per IP family", ["family"])
 ENDPOINTS = Gauge("lbd_endpoints", "Endpoints programmed (all service ports)", ["family"])
+SYNCED_RESOURCE_VERSION = Gauge(
+    "lbd_synced_resource_version",
+    "Newest API resourceVersion reflected in the datapath (lets tests wait for convergence)",
+)
