@@ -130,7 +130,9 @@ class Daemon:
                 healthz_app(self.runner.status, 2 * self.cfg.sync_period + 10),
                 self.cfg.healthz_bind_address,
             ),
-            await start_site(metrics_app(self.cfg.mode), self.cfg.metrics_bind_address),
+            await start_site(
+                metrics_app(self.cfg.mode, self.runner.status), self.cfg.metrics_bind_address
+            ),
         ]
         log.info(
             "lbd.started",

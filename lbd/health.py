@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lbd.model.state import ProxyState
+from lbd.model.state import ProxyState, state_to_json
 from lbd.sync import SyncStatus
 
 log = structlog.get_logger()
@@ -62,16 +62,24 @@ def healthz_app(status: SyncStatus, health_timeout: float) -> web.Application:
     return app
 
 
-def metrics_app(mode: str) -> web.Application:
+def metrics_app(mode: str, status: SyncStatus | None = None) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def proxy_mode(_: web.Request) -> web.Response:
         return web.Response(text=mode)
 
+    async def state(_: web.Request) -> web.Response:
+        # What the datapath was last programmed with (not what the API holds now).
+        synced = status.state if status is not None else None
+        if synced is None:
+            return web.json_response({"error": "not synced yet"}, status=503)
+        return web.json_response(state_to_json(synced))
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/proxyMode", proxy_mode)
+    app.router.add_get("/state", state)
     return app
 
 

@@ -133,3 +133,44 @@ class ProxyState:
     def cidrs(self, family: IPFamily, cidrs: tuple[str, ...]) -> tuple[str, ...]:
         want_v6 = family == IPFamily.V6
         return tuple(c for c in cidrs if (":" in c) == want_v6)
+
+
+def endpoint_to_json(ep: Endpoint) -> dict[str, object]:
+    return {
+        "address": str(ep),
+        "node": ep.node_name,
+        "ready": ep.ready,
+        "serving": ep.serving,
+        "terminating": ep.terminating,
+        "local": ep.is_local,
+    }
+
+
+def service_port_to_json(sp: ServicePort) -> dict[str, object]:
+    """A stable JSON view (for /state, `lbd status`-style tools and tests)."""
+    return {
+        "service": str(sp.name),
+        "protocol": sp.protocol.value,
+        "family": f"IPv{int(sp.family)}",
+        "clusterIP": sp.cluster_ip,
+        "port": sp.port,
+        "nodePort": sp.node_port,
+        "externalIPs": list(sp.external_ips),
+        "loadBalancerIPs": list(sp.load_balancer_ips),
+        "loadBalancerSourceRanges": list(sp.load_balancer_source_ranges),
+        "sessionAffinityTimeout": sp.session_affinity_timeout,
+        "externalPolicyLocal": sp.external_policy_local,
+        "internalPolicyLocal": sp.internal_policy_local,
+        "healthCheckNodePort": sp.health_check_node_port,
+        "clusterEndpoints": [str(ep) for ep in sp.cluster_endpoints],
+        "localEndpoints": [str(ep) for ep in sp.local_endpoints],
+        "allEndpoints": [endpoint_to_json(ep) for ep in sp.all_endpoints],
+    }
+
+
+def state_to_json(state: ProxyState) -> dict[str, object]:
+    return {
+        "node": state.node_name,
+        "zone": state.zone,
+        "servicePorts": [service_port_to_json(sp) for sp in state.ports()],
+    }
