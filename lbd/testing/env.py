@@ -163,6 +163,9 @@ class LbdEnv:
             + ([f"addr add {CONTROL_PLANE_V6}/64 dev br0 nodad"] if c.ipv6 else []),
         )
         for n in c.nodes:
+            # REJECT answers with ICMP, which the kernel rate-limits per destination;
+            # the tests send many refused requests from one pod in a row.
+            netns.set_sysctls(n.netns, {"net.ipv4.icmp_ratelimit": 0, "net.ipv6.icmp.ratelimit": 0})
             netns.ip_batch(
                 n.netns,
                 [f"route add default via {CONTROL_PLANE_V4}"]
