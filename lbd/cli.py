@@ -183,6 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from lbd import log as lbd_log
+
+    # Logs go to stderr so that `lbd status --json` keeps stdout machine-readable.
+    lbd_log.configure(getattr(args, "log_level", "warning"))
     handler = {"run": cmd_run, "cleanup": cmd_cleanup, "status": cmd_status, "demo": cmd_demo}
     return handler[args.command](args)
 
