@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from contextlib import suppress
 
@@ -29,6 +30,10 @@ from lbd.model.state import ProxyState
 from lbd.sync import SyncRunner
 
 log = structlog.get_logger()
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one sentence for the operator."""
 
 
 class Daemon:
@@ -90,10 +95,15 @@ class Daemon:
         self.runner.notify(time.monotonic())
 
     async def run(self) -> None:
-        if self.cfg.master and not self.cfg.kubeconfig:
-            client = k8s_client.ApiClient.from_url(self.cfg.master)
-        else:
-            client = await k8s_client.ApiClient.from_config(self.cfg.kubeconfig)
+        try:
+            if self.cfg.master and not self.cfg.kubeconfig:
+                client = k8s_client.ApiClient.from_url(self.cfg.master)
+            else:
+                client = await k8s_client.ApiClient.from_config(self.cfg.kubeconfig)
+        except Exception as err:  # noqa: BLE001 - the loaders raise many kinds
+            where = self.cfg.kubeconfig or "the in-cluster service account"
+            detail = " ".join(str(err).split())
+            raise StartupError(f"cannot load API credentials from {where}: {detail}") from None
         not_ours = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
         reflectors = [
             Reflector(
@@ -157,9 +167,9 @@ def main(cfg: ProxyConfig, log_level: str = "info") -> int:
     try:
         import uvloop
 
-        uvloop.install()
+        loop_factory = uvloop.new_event_loop
     except ImportError:  # plain asyncio still works, only slower
-        pass
+        loop_factory = None
 
     async def _main() -> None:
         daemon = Daemon(cfg)
@@ -171,5 +181,10 @@ def main(cfg: ProxyConfig, log_level: str = "info") -> int:
             await daemon.run()
         log.info("lbd.stopped", reason="signal")
 
-    asyncio.run(_main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        try:
+            runner.run(_main())
+        except StartupError as err:
+            print(f"lbd: {err}", file=sys.stderr)
+            return 2
     return 0
