@@ -1124,7 +1124,13 @@ class ApiServer:
 
     def _default(self, info: KindInfo, obj: JSON, old: JSON | None) -> None:
         if info.plural == "services":
-            self._default_service(obj, old)
+            try:
+                self._default_service(obj, old)
+            except (TypeError, KeyError, IndexError, AttributeError, ValueError):
+                # Defaulting is best effort: a malformed object is stored as given, so
+                # fuzz tests can deliver garbage to the proxies (the real server would
+                # have rejected it; lbd must survive it anyway).
+                pass
         elif info.plural == "namespaces":
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             obj.setdefault("status", {"phase": "Active"})
@@ -1207,10 +1213,22 @@ class ApiServer:
         for obj, used in ((old, False), (new, True)):
             if obj is None:
                 continue
-            spec = obj.get("spec") or {}
-            ips = [ip for ip in spec.get("clusterIPs") or [] if ip and ip != "None"]
-            ports = [p.get("nodePort") for p in spec.get("ports") or [] if isinstance(p, dict)]
+            spec = obj.get("spec")
+            spec = spec if isinstance(spec, dict) else {}
+            raw_ips, raw_ports = spec.get("clusterIPs"), spec.get("ports")
+            # Fuzz tests store malformed services: track only what is well-formed.
+            ips = [
+                ip
+                for ip in (raw_ips if isinstance(raw_ips, list) else [])
+                if isinstance(ip, str) and ip and ip != "None"
+            ]
+            ports = [
+                p.get("nodePort")
+                for p in (raw_ports if isinstance(raw_ports, list) else [])
+                if isinstance(p, dict)
+            ]
             ports.append(spec.get("healthCheckNodePort"))
+            ports = [p for p in ports if isinstance(p, int) and not isinstance(p, bool)]
             for ip in ips:
                 (self._ips_in_use.add if used else self._ips_in_use.discard)(ip)
             for port in ports:
