@@ -10,9 +10,11 @@ in: every change is made inside a named namespace.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -340,3 +342,33 @@ __all__ = [
     "socket_in",
     "sweep",
 ]
+
+
+_scratch_lock = threading.Lock()
+_scratch_prefix: str | None = None
+
+
+@contextlib.contextmanager
+def scratch(tag: str = "x") -> Iterator[str]:
+    """A throw-away namespace (loopback up) for one test, deleted afterwards.
+
+    Its name carries a prefix this process claims, so `sweep` in a concurrent session
+    leaves it alone while we live and removes it if we crash.
+    """
+    global _scratch_prefix
+    with _scratch_lock:
+        if _scratch_prefix is None:
+            while True:
+                candidate = f"{DEFAULT_PREFIX}{secrets.token_hex(2)}"
+                if claim(candidate):
+                    _scratch_prefix = candidate
+                    atexit.register(release, candidate)
+                    break
+    name = f"{_scratch_prefix}-{tag}{secrets.token_hex(3)}"
+    create(name)
+    try:
+        ip_batch(name, ["link set lo up"])
+        yield name
+    finally:
+        kill_processes_in([name])
+        delete(name)
