@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from backends.base import Backend, HostUnsupported
@@ -52,3 +53,27 @@ def create_backend(cfg: ProxyConfig, netns: str | None = None) -> Backend:
 
         return IptablesBackend(variant=cfg.iptables_variant, netns=netns)
     raise HostUnsupported(f"proxy mode {cfg.mode!r} is not implemented in this build of lbd yet.")
+
+
+def cleanup_other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[str]:
+    """Remove what other lbd modes left on this node (a mode switch); the modes cleaned.
+
+    Runs before the first sync, so traffic moves from the old datapath to the new one in
+    one step. A mode whose tooling is absent here cannot have left anything behind.
+    """
+    cleaned = []
+    for mode in ("iptables", "ipvs", "ebpf"):
+        if mode == cfg.mode:
+            continue
+        if mode == "iptables":
+            try:
+                check_host(mode)
+            except HostUnsupported:
+                continue  # no iptables binaries: no iptables rules of ours either
+        try:
+            backend = create_backend(replace(cfg, mode=mode), netns=netns)
+        except (HostUnsupported, ImportError):
+            continue  # not available here: it cannot have written anything
+        backend.cleanup()
+        cleaned.append(mode)
+    return cleaned

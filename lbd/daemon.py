@@ -16,7 +16,7 @@ from contextlib import suppress
 
 import structlog
 
-from backends.registry import create_backend
+from backends.registry import cleanup_other_modes, create_backend
 from lbd import log as lbd_log
 from lbd import metrics
 from lbd.config import ProxyConfig
@@ -129,6 +129,11 @@ class Daemon:
             ),
         ]
         ready = asyncio.Event()
+        # A mode switch: remove what another lbd mode left before this one takes over.
+        loop = asyncio.get_running_loop()
+        cleaned = await loop.run_in_executor(None, cleanup_other_modes, self.cfg)
+        if cleaned:
+            log.info("mode.switched", mode=self.cfg.mode, removed=cleaned)
 
         async def wait_synced() -> None:
             await asyncio.gather(*(r.synced.wait() for r in reflectors))
