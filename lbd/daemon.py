@@ -12,6 +12,7 @@ import asyncio
 import signal
 import sys
 import time
+from datetime import datetime
 from contextlib import suppress
 
 import structlog
@@ -30,6 +31,32 @@ from lbd.model.state import ProxyState
 from lbd.sync import SyncRunner
 
 log = structlog.get_logger()
+
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+def trigger_time(slice_obj: dict, default: float) -> float:
+    """When the change that produced this EndpointSlice happened, on the monotonic clock.
+
+    The EndpointSlice controller stamps the time of the pod/service change that caused a
+    slice update; kube-proxy measures network programming latency from it, and so do we
+    (falling back to when we received the event).
+    """
+    meta = slice_obj.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    stamp = annotations.get(TRIGGER_TIME_ANNOTATION) if isinstance(annotations, dict) else None
+    if not isinstance(stamp, str):
+        return default
+    try:
+        wall = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return default
+    age = time.time() - wall
+    # A clock skewed into the future, or an ancient stamp replayed by a relist, says
+    # nothing about this change's latency.
+    if age < 0 or age > 3600:
+        return default
+    return default - age
 
 
 class StartupError(Exception):
@@ -87,12 +114,16 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_change(self, kind: str, _key: str | None = None) -> None:
+    def _on_change(self, kind: str, key: str | None = None) -> None:
+        changed_at = time.monotonic()
         if kind == "Service":
             metrics.SERVICE_CHANGES.inc()
         elif kind == "EndpointSlice":
             metrics.ENDPOINT_CHANGES.inc()
-        self.runner.notify(time.monotonic())
+            obj = self.slices.get(key) if key else None
+            if obj is not None:
+                changed_at = trigger_time(obj, changed_at)
+        self.runner.notify(changed_at)
 
     async def run(self) -> None:
         try:
