@@ -12,8 +12,8 @@ import asyncio
 import signal
 import sys
 import time
-from datetime import datetime
 from contextlib import suppress
+from datetime import datetime
 
 import structlog
 

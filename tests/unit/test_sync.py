@@ -108,3 +108,23 @@ def test_missing_datapath_triggers_a_full_sync_before_the_period():
 
     run_for(runner, 0.6, flush)
     assert backend.calls == [True, True]
+
+
+def test_network_programming_latency_starts_at_the_slice_trigger_time():
+    from datetime import UTC, datetime, timedelta
+
+    from lbd.daemon import TRIGGER_TIME_ANNOTATION, trigger_time
+
+    stamp = (datetime.now(UTC) - timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
+    obj = {"metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: stamp}}}
+    assert 1.9 < 100.0 - trigger_time(obj, 100.0) < 2.5
+    assert trigger_time({"metadata": {}}, 100.0) == 100.0
+    future = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+    assert (
+        trigger_time({"metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: future}}}, 100.0)
+        == 100.0
+    )
+    assert (
+        trigger_time({"metadata": {"annotations": {TRIGGER_TIME_ANNOTATION: "junk"}}}, 100.0)
+        == 100.0
+    )
