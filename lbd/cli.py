@@ -126,10 +126,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     modes = MODES if args.mode == "all" else (args.mode,)
     for mode in modes:
-        if mode != "iptables":
-            continue  # the other modes create nothing yet
-        backend = create_backend(ProxyConfig(mode=mode))
-        backend.cleanup(remove_kube_leftovers=args.kube_proxy_leftovers)  # type: ignore[call-arg]
+        try:
+            backend = create_backend(ProxyConfig(mode=mode))
+        except (HostUnsupported, ImportError):
+            continue  # a mode this host cannot run has written nothing here
+        if mode == "iptables":
+            backend.cleanup(remove_kube_leftovers=args.kube_proxy_leftovers)  # type: ignore[call-arg]
+        else:
+            backend.cleanup()
     return 0
 
 
