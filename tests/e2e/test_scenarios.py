@@ -150,6 +150,20 @@ def test_endpoints_scale_up_and_down_and_terminating_fallback(env, uid):
     env.wait_synced()
     assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
     # pod-1-1 terminating while pod-2-2 is ready: only pod-2-2 gets new connections
+    draining = EndpointSpec(
+        env.cluster.pod("pod-1-1").ipv4, "node-1", ready=False, serving=True, terminating=True
+    )
+    env.apply(endpoint_slice(name, [draining, *eps(env, ["pod-2-2"])], [HTTP]))
+    env.wait_synced()
+    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-2-2"}
+    # only the terminating one left: it still serves (graceful termination)
+    env.apply(endpoint_slice(name, [draining], [HTTP]))
+    env.wait_synced()
+    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-1-1"}
+    env.apply(endpoint_slice(name, eps(env, ["pod-1-1", "pod-2-2"]), [HTTP]))
+    env.wait_synced()
+    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
+    # pod-1-1 terminating while pod-2-2 is ready: only pod-2-2 gets new connections
     env.apply(
         endpoint_slice(
             name,
