@@ -54,6 +54,13 @@ class ParseCache:
     """Parsed objects by (kind, key, resourceVersion); rebuilt each build to drop the dead."""
 
     entries: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    # Service ports by (service, its slices, node), compared by identity: the parsed
+    # objects are cached per resourceVersion, so an unchanged service yields the very
+    # same ServicePort objects. That keeps a rebuild after one change cheap, and lets
+    # backends skip unchanged ports with an identity check.
+    ports: dict[tuple[str, str], tuple[Any, tuple[Any, ...], NodeInfo, list[Any]]] = field(
+        default_factory=dict
+    )
 
     def parse(self, kind: str, obj: dict[str, Any], parser: Any, fresh: dict) -> Any:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
@@ -118,16 +125,30 @@ def build_state(
             by_service[(parsed.namespace, parsed.service_name)].append(parsed)
 
     ports: dict[tuple[ServicePortName, IPFamily], ServicePort] = {}
+    fresh_ports: dict[tuple[str, str], Any] = {}
     for obj in services:
         parsed = cache.parse("Service", obj, parse_service, fresh)
         if isinstance(parsed, Rejection):
             rejected.append(parsed)
         elif parsed is not None:
-            for sp in service_ports(
-                parsed, by_service.get((parsed.namespace, parsed.name), ()), node
+            key = (parsed.namespace, parsed.name)
+            its_slices = tuple(by_service.get(key, ()))
+            hit = cache.ports.get(key)
+            if (
+                hit is not None
+                and hit[0] is parsed
+                and hit[2] == node
+                and len(hit[1]) == len(its_slices)
+                and all(a is b for a, b in zip(hit[1], its_slices, strict=True))
             ):
+                built = hit[3]
+            else:
+                built = service_ports(parsed, its_slices, node)
+            fresh_ports[key] = (parsed, its_slices, node, built)
+            for sp in built:
                 ports[(sp.name, sp.family)] = sp
     cache.entries = fresh
+    cache.ports = fresh_ports
     state = ProxyState(
         node_name=config.node_name,
         node_ips=node.ips,
@@ -138,6 +159,9 @@ def build_state(
         service_ports=ports,
     )
     return state, rejected
+
+
+_NO_ZONES: frozenset[str] = frozenset()
 
 
 def service_ports(
@@ -168,19 +192,19 @@ def service_ports(
                 )
                 if target is None:
                     continue
-                for ep in sl.endpoints:
-                    copies.append(
-                        Endpoint(
-                            ip=ep.ip,
-                            port=target,
-                            node_name=ep.node_name,
-                            ready=ep.ready,
-                            serving=ep.serving,
-                            terminating=ep.terminating,
-                            zone_hints=ep.zone_hints or frozenset(),
-                            is_local=bool(ep.node_name) and ep.node_name == node.name,
-                        )
+                copies.extend(
+                    Endpoint(
+                        ep.ip,
+                        target,
+                        ep.node_name,
+                        ep.ready,
+                        ep.serving,
+                        ep.terminating,
+                        ep.zone_hints or _NO_ZONES,
+                        bool(ep.node_name) and ep.node_name == node.name,
                     )
+                    for ep in sl.endpoints
+                )
             endpoints = merge_endpoints(copies)
             cluster, local = categorize(endpoints, prefer_close=svc.prefer_close, zone=node.zone)
             out.append(

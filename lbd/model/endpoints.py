@@ -19,7 +19,7 @@ def merge_endpoints(copies: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
         have = best.get(key)
         if have is None or (ep.ready and not have.ready) or (ep.serving and not have.serving):
             best[key] = ep
-    return tuple(sorted(best.values()))
+    return tuple(best[key] for key in sorted(best))
 
 
 def _ready_else_terminating(
@@ -52,6 +52,9 @@ def categorize(
     endpoints: tuple[Endpoint, ...], *, prefer_close: bool, zone: str
 ) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]:
     """(cluster endpoints, node-local endpoints) for one service port."""
+    if not prefer_close and all(ep.ready for ep in endpoints):
+        # The common case, kept cheap: every endpoint is ready and no topology applies.
+        return endpoints, tuple(ep for ep in endpoints if ep.is_local)
     if can_use_topology(endpoints, prefer_close, zone):
         cluster = _ready_else_terminating(endpoints, lambda ep: zone in ep.zone_hints)
     else:

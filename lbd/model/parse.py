@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,18 +151,30 @@ def _protocol(obj: Any, what: str) -> Protocol:
         raise InvalidObject(f"{what} {str(obj)[:20]!r} is not TCP, UDP or SCTP") from None
 
 
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
 def parse_ip(obj: Any, what: str) -> str:
-    """A canonical IP string (IPv6 compressed, no zone, no v4-mapped forms)."""
+    """A canonical IP string (IPv6 compressed, no zone, no v4-mapped forms).
+
+    inet_pton/inet_ntop instead of the ipaddress module: this runs for every endpoint
+    of every slice, and is ~10x faster while accepting exactly the plain textual forms.
+    """
     text = _str(obj, what)
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
+        packed = socket.inet_pton(family, text)
+    except (OSError, ValueError):
         raise InvalidObject(f"{what} {text[:64]!r} is not an IP address") from None
-    if isinstance(addr, ipaddress.IPv6Address) and (addr.ipv4_mapped or addr.scope_id):
-        raise InvalidObject(f"{what} {text[:64]!r} is not a plain IPv6 address")
-    if addr.is_unspecified or addr.is_multicast:
-        raise InvalidObject(f"{what} {text[:64]!r} cannot be a service address")
-    return str(addr)
+    if family == socket.AF_INET:
+        if packed == b"\x00\x00\x00\x00" or 224 <= packed[0] <= 239:
+            raise InvalidObject(f"{what} {text[:64]!r} cannot be a service address")
+    else:
+        if packed.startswith(_V4_MAPPED_PREFIX):
+            raise InvalidObject(f"{what} {text[:64]!r} is not a plain IPv6 address")
+        if packed == bytes(16) or packed[0] == 0xFF:
+            raise InvalidObject(f"{what} {text[:64]!r} cannot be a service address")
+    return socket.inet_ntop(family, packed)
 
 
 def parse_cidr(obj: Any, what: str) -> str:
@@ -316,6 +329,55 @@ def parse_service(obj: dict[str, Any]) -> ParsedService | None:
     )
 
 
+# Node names repeat across every slice; remember the ones already validated.
+_valid_node_names: set[str] = set()
+
+
+def _node_name(value: Any) -> str:
+    if not value:
+        return ""
+    if value in _valid_node_names:
+        return value
+    if not isinstance(value, str) or len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+        raise InvalidObject("nodeName is not a node name")
+    if len(_valid_node_names) < 100_000:
+        _valid_node_names.add(value)
+    return value
+
+
+def _parse_endpoint(raw: Any, family: IPFamily) -> ParsedEndpoint:
+    if not isinstance(raw, dict):
+        raise InvalidObject("must be an object")
+    addrs = raw.get("addresses")
+    if not isinstance(addrs, list) or not addrs or len(addrs) > 100:
+        raise InvalidObject("addresses must be a list of 1 to 100 addresses")
+    # Like kube-proxy, only the first address of an endpoint is used.
+    ip = parse_ip(addrs[0], "addresses[0]")
+    if family_of(ip) != family:
+        raise InvalidObject(f"addresses[0] is not an IPv{int(family)} address")
+    cond = raw.get("conditions")
+    if cond is None:
+        ready, serving, terminating = True, True, False
+    else:
+        cond = _dict(cond, "conditions")
+        ready = _bool(cond.get("ready"), "conditions.ready", True)
+        serving = _bool(cond.get("serving"), "conditions.serving", ready)
+        terminating = _bool(cond.get("terminating"), "conditions.terminating", False)
+    node_name = _node_name(raw.get("nodeName"))
+    hints = raw.get("hints")
+    zone_hints: frozenset[str] | None = None
+    if hints is not None:
+        zones = _list(_dict(hints, "hints").get("forZones"), "hints.forZones", 64)
+        names = []
+        for z in zones:
+            zname = _dict(z, "hints.forZones[]").get("name")
+            if not isinstance(zname, str) or not _ZONE.match(zname) or len(zname) > 63:
+                raise InvalidObject("hints.forZones[].name is invalid")
+            names.append(zname)
+        zone_hints = frozenset(names)
+    return ParsedEndpoint(ip, node_name, ready, serving, terminating, zone_hints)
+
+
 def parse_endpoint_slice(obj: dict[str, Any]) -> ParsedEndpointSlice | None:
     """Validate a discovery.k8s.io/v1 EndpointSlice. None when it is not for lbd."""
     namespace, name, labels, _ = _meta(_dict(obj, "endpointslice"))
@@ -349,39 +411,11 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> ParsedEndpointSlice | None:
 
     endpoints: list[ParsedEndpoint] = []
     for i, raw in enumerate(_list(obj.get("endpoints"), "endpoints", MAX_SLICE_ENDPOINTS)):
-        raw = _dict(raw, f"endpoints[{i}]")
-        addrs = _list(raw.get("addresses"), f"endpoints[{i}].addresses", 100)
-        if not addrs:
-            raise InvalidObject(f"endpoints[{i}].addresses is empty")
-        # Like kube-proxy, only the first address of an endpoint is used.
-        ip = parse_ip(addrs[0], f"endpoints[{i}].addresses[0]")
-        if family_of(ip) != family:
-            raise InvalidObject(f"endpoints[{i}].addresses[0] is not an {address_type} address")
-        cond = _dict(raw.get("conditions"), f"endpoints[{i}].conditions")
-        ready = _bool(cond.get("ready"), f"endpoints[{i}].conditions.ready", True)
-        serving = _bool(cond.get("serving"), f"endpoints[{i}].conditions.serving", ready)
-        terminating = _bool(
-            cond.get("terminating"), f"endpoints[{i}].conditions.terminating", False
-        )
-        node_name = raw.get("nodeName") or ""
-        if node_name and (
-            not isinstance(node_name, str)
-            or len(node_name) > 253
-            or not _DNS1123_SUBDOMAIN.match(node_name)
-        ):
-            raise InvalidObject(f"endpoints[{i}].nodeName is not a node name")
-        hints = raw.get("hints")
-        zone_hints: frozenset[str] | None = None
-        if hints is not None:
-            zones = _list(_dict(hints, "hints").get("forZones"), f"endpoints[{i}].hints", 64)
-            names = []
-            for z in zones:
-                zname = _dict(z, "hints.forZones[]").get("name")
-                if not isinstance(zname, str) or not _ZONE.match(zname) or len(zname) > 63:
-                    raise InvalidObject(f"endpoints[{i}].hints.forZones[].name is invalid")
-                names.append(zname)
-            zone_hints = frozenset(names)
-        endpoints.append(ParsedEndpoint(ip, node_name, ready, serving, terminating, zone_hints))
+        try:
+            endpoints.append(_parse_endpoint(raw, family))
+        except InvalidObject as err:
+            # The field paths are only formatted on failure: this loop is the hot path.
+            raise InvalidObject(f"endpoints[{i}].{err}") from None
     return ParsedEndpointSlice(
         namespace, name, service_name, family, tuple(ports), tuple(endpoints)
     )

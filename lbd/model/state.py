@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 
 class Protocol(StrEnum):
@@ -38,9 +39,12 @@ class ServicePortName:
         return f"{self.namespace}/{self.name}{suffix}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Endpoint:
-    """One backend address:port of a service port, with its EndpointSlice conditions."""
+class Endpoint(NamedTuple):
+    """One backend address:port of a service port, with its EndpointSlice conditions.
+
+    A NamedTuple rather than a frozen dataclass: a 10k-service state holds 100k of these,
+    and tuple construction and ordering are several times cheaper.
+    """
 
     ip: str
     port: int

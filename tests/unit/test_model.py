@@ -433,3 +433,28 @@ def test_parse_node_zone_and_addresses():
         "node-1",
     )
     assert node == NodeInfo("node-1", ("192.168.200.11",), "zone-a")
+
+
+def test_rebuild_reuses_unchanged_service_ports_by_identity():
+    objs = [svc(f"s{i}") for i in range(3)]
+    slices = [eps(f"s{i}", [ep(f"10.244.1.{i + 10}")]) for i in range(3)]
+    for i, o in enumerate(objs + slices):
+        o["metadata"]["resourceVersion"] = str(i + 1)
+    for i, o in enumerate(objs):
+        o["spec"]["clusterIPs"] = [f"10.96.0.{i + 10}"]
+    cache = ParseCache()
+    before, _ = build_state(objs, slices, NODE, CFG, cache)
+    changed = copy.deepcopy(slices[1])
+    changed["metadata"]["resourceVersion"] = "99"
+    changed["endpoints"].append(ep("10.244.1.99"))
+    after, _ = build_state(objs, [slices[0], changed, slices[2]], NODE, CFG, cache)
+    same = [k for k in before.service_ports if before.service_ports[k] is after.service_ports[k]]
+    assert sorted(k[0].name for k in same) == ["s0", "s2"]
+    assert (
+        len(
+            after.service_ports[
+                next(k for k in after.service_ports if k[0].name == "s1")
+            ].cluster_endpoints
+        )
+        == 2
+    )
