@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,12 +31,22 @@ def check_host(mode: str, variant: str = "auto") -> None:
                 )
         return
     if mode == "ipvs":
+        if not Path("/proc/net/ip_vs").exists() and shutil.which("modprobe"):
+            # IPVS is usually a module: load it as kube-proxy does (harmless where the
+            # kernel has no module support, or no IPVS at all).
+            subprocess.run(["modprobe", "-q", "ip_vs"], capture_output=True, check=False)
         if not Path("/proc/net/ip_vs").exists():
             raise HostUnsupported(
                 "ipvs mode needs a kernel with IPVS (CONFIG_IP_VS), and this kernel has none "
                 "(/proc/net/ip_vs is missing)."
             )
-        raise HostUnsupported("ipvs mode is not implemented in this build of lbd yet.")
+        for binary in ("iptables-restore", "ip6tables-restore"):
+            if shutil.which(binary) is None:
+                raise HostUnsupported(
+                    f"ipvs mode needs the {binary} binary for its few iptables rules, which "
+                    "is not installed on this host."
+                )
+        return
     if mode == "ebpf":
         build = Path("/lib/modules") / os.uname().release / "build"
         if not (build / "include").exists() and not (build / "Makefile").exists():
@@ -43,7 +54,10 @@ def check_host(mode: str, variant: str = "auto") -> None:
                 f"ebpf mode needs kernel headers for BCC at {build}, which is missing "
                 "(mount the host's /lib/modules and /usr/src, or run scripts/setup)."
             )
-        raise HostUnsupported("ebpf mode is not implemented in this build of lbd yet.")
+        from backends.ebpf import check_host as ebpf_check_host
+
+        ebpf_check_host()
+        return
     raise HostUnsupported(f"proxy mode {mode!r} is unknown (choose iptables, ipvs or ebpf).")
 
 
@@ -52,6 +66,14 @@ def create_backend(cfg: ProxyConfig, netns: str | None = None) -> Backend:
         from backends.iptables.backend import IptablesBackend
 
         return IptablesBackend(variant=cfg.iptables_variant, netns=netns)
+    if cfg.mode == "ebpf":
+        from backends.ebpf import from_config
+
+        return from_config(cfg, netns)
+    if cfg.mode == "ipvs":
+        from backends.ipvs.backend import IpvsBackend
+
+        return IpvsBackend(scheduler=cfg.ipvs_scheduler, variant=cfg.iptables_variant, netns=netns)
     raise HostUnsupported(f"proxy mode {cfg.mode!r} is not implemented in this build of lbd yet.")
 
 

@@ -48,7 +48,54 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         choices=("auto", "legacy", "nft"),
         help="iptables backend of the host (auto: detect as kube-proxy does)",
     )
+    ebpf = p.add_argument_group("ebpf mode (names follow Cilium's where they exist)")
+    _add_ebpf_flags(ebpf)
     p.add_argument("--log-level", default="info")
+
+
+def _add_ebpf_flags(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--cgroup-root",
+        help="cgroup v2 directory whose processes get socket LB "
+        "(default /run/lbd/cgroupv2, mounted if needed; '' disables socket LB)",
+    )
+    p.add_argument(
+        "--bpffs-root", help="where maps and links are pinned (default /sys/fs/bpf/lbd/default)"
+    )
+    p.add_argument(
+        "--bpf-lb-sock-hostns-only",
+        action="store_true",
+        default=None,
+        help="socket LB only for the host's namespace; pods use the tc path",
+    )
+    p.add_argument("--lb-algorithm", choices=("random", "maglev"), help="backend selection")
+    p.add_argument("--maglev-table-size", type=int, help="Maglev table size (a prime)")
+    p.add_argument("--devices", help="uplink devices for tc LB (comma-separated)")
+    p.add_argument(
+        "--pod-devices", help="pod-facing devices or globs for tc LB (comma-separated, e.g. 'vp*')"
+    )
+
+
+def ebpf_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ebpf flags given on the command line, as backends.ebpf.from_config reads them."""
+    names = {
+        "cgroup_root": "cgroup",
+        "bpffs_root": "bpffs",
+        "bpf_lb_sock_hostns_only": "hostns_only",
+        "lb_algorithm": "lb_algorithm",
+        "maglev_table_size": "maglev_table_size",
+        "devices": "devices",
+        "pod_devices": "pod_devices",
+    }
+    out: dict[str, Any] = {}
+    for flag, key in names.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if key in ("devices", "pod_devices"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out[key] = value
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,10 +110,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove kube-proxy's KUBE-* chains (migration aid)",
     )
+    _add_ebpf_flags(clean)
     status = sub.add_parser("status", help="what the kernel holds now: frontends → endpoints")
     status.add_argument("--proxy-mode", dest="mode", choices=MODES, default="iptables")
     status.add_argument("--iptables-variant", choices=("auto", "legacy", "nft"), default="auto")
     status.add_argument("--json", action="store_true")
+    _add_ebpf_flags(status)
     demo = sub.add_parser("demo", help="a 2-node mini-cluster in network namespaces, with traffic")
     demo.add_argument("--proxy-mode", dest="mode", choices=MODES, default="iptables")
     demo.add_argument("--requests", type=int, default=40, help="requests per client and service")
@@ -105,6 +154,9 @@ def load_run_config(args: argparse.Namespace) -> ProxyConfig:
             "iptables_variant",
         )
     }
+    ebpf = ebpf_options(args)
+    if ebpf:
+        overrides["extra"] = {"ebpf": ebpf}
     return build_config(file_text, overrides)
 
 
@@ -127,7 +179,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     modes = MODES if args.mode == "all" else (args.mode,)
     for mode in modes:
         try:
-            backend = create_backend(ProxyConfig(mode=mode))
+            backend = create_backend(ProxyConfig(mode=mode, extra={"ebpf": ebpf_options(args)}))
         except (HostUnsupported, ImportError):
             continue  # a mode this host cannot run has written nothing here
         if mode == "iptables":
@@ -159,7 +211,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         check_host(args.mode, args.iptables_variant)
     except HostUnsupported as err:
         return fail(str(err))
-    backend = create_backend(ProxyConfig(mode=args.mode, iptables_variant=args.iptables_variant))
+    backend = create_backend(
+        ProxyConfig(
+            mode=args.mode,
+            iptables_variant=args.iptables_variant,
+            extra={"ebpf": ebpf_options(args)},
+        )
+    )
     rows = [
         {
             "service": s.service,

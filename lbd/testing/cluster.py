@@ -119,7 +119,14 @@ _sigterm_installed = False
 _previous_sigterm: object = None
 
 
+# The process that builds clusters; a forked child (pyroute2's NetNS helper, a
+# preexec_fn) inherits our handlers and must never tear the clusters down.
+_owner_pid = os.getpid()
+
+
 def _cleanup_all() -> None:
+    if os.getpid() != _owner_pid:
+        return
     for cluster in list(_live):
         with contextlib.suppress(Exception):
             cluster.close()
@@ -140,8 +147,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _install_handlers() -> None:
-    global _atexit_registered, _sigterm_installed, _previous_sigterm
+    global _atexit_registered, _sigterm_installed, _previous_sigterm, _owner_pid
     with _handlers_lock:
+        _owner_pid = os.getpid()
         if not _atexit_registered:
             atexit.register(_cleanup_all)
             _atexit_registered = True

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from lbd.testing import netns
 from lbd.testing.apiserver import ApiServer
 from lbd.testing.cluster import MiniCluster, Node
 from lbd.testing.objects import node as node_object
+from lbd.testing.traffic import Spread, spread
 
 CONTROL_PLANE_V4 = "192.168.200.1"
 CONTROL_PLANE_V6 = "fd00:200::1"
@@ -38,6 +40,7 @@ SERVICE_CIDR_V4 = "10.96.0.0/16"
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
 TOKEN = "lbd-test-token"
+BPFFS_TEST_ROOT = Path("/run/lbd/bpffs")
 
 T = TypeVar("T")
 
@@ -137,6 +140,9 @@ class LbdEnv:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.api: ApiServerThread | None = None
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        # ebpf mode: socket LB acts on a cgroup, so each simulated node gets its own
+        # (never the hierarchy's root: that would balance every process of the kernel).
+        self.cgroups: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -153,6 +159,16 @@ class LbdEnv:
 
     def up(self) -> None:
         c = self.cluster.up()
+        if self.mode == "ebpf":
+            from backends.ebpf.cgroups import CgroupSandbox
+            from backends.ebpf.loader import ensure_bpffs
+
+            self.cgroups = CgroupSandbox(name=f"{c.prefix}-cg").open()
+            # `ip netns exec` gives the daemon a private /sys, so a bpffs it mounted at
+            # /sys/fs/bpf would die with it, pins and all; one mounted here, in this
+            # process's mount namespace, is shared by every daemon and outlives them.
+            BPFFS_TEST_ROOT.mkdir(parents=True, exist_ok=True)
+            ensure_bpffs(BPFFS_TEST_ROOT)
         c.start_servers(ports_tcp=self.tcp_ports, ports_udp=self.udp_ports)
         # The fabric's own address is the control plane's and every node's default
         # gateway: real nodes have a default route, and locally originated traffic to a
@@ -204,6 +220,15 @@ class LbdEnv:
     def close(self) -> None:
         for name in list(self.daemons):
             self.stop_daemon(name)
+        if self.cgroups is not None:
+            # The datapath outlives the daemon by design; a test run must not.
+            for n in self.cluster.nodes:
+                try:
+                    self._ebpf_backend(n.name).cleanup()
+                except Exception:  # noqa: BLE001 - best effort, keep tearing down
+                    pass
+            self.cgroups.close()
+            self.cgroups = None
         if self.api is not None:
             self.api.close()
             self.api = None
@@ -230,8 +255,50 @@ class LbdEnv:
             "100ms",
             "--sync-period",
             "30s",
+            *self.mode_args(node),
             *self.daemon_args,
         ]
+
+    def ebpf_options(self, node: str) -> dict[str, Any]:
+        return {
+            "cgroup": str(self.cgroups.node(node)),
+            "bpffs": str(BPFFS_TEST_ROOT / f"{self.cluster.prefix}-{node}"),
+            # Pods are namespaces of this test process's threads, not processes in a
+            # cgroup: they are balanced by tc on their veths (Cilium's hostns-only).
+            "hostns_only": True,
+            "devices": ["eth0"],
+            "pod_devices": ["vp*"],
+        }
+
+    def mode_args(self, node: str) -> list[str]:
+        if self.mode != "ebpf":
+            return []
+        o = self.ebpf_options(node)
+        return [
+            "--cgroup-root",
+            o["cgroup"],
+            "--bpffs-root",
+            o["bpffs"],
+            "--bpf-lb-sock-hostns-only",
+            "--devices",
+            ",".join(o["devices"]),
+            "--pod-devices",
+            ",".join(o["pod_devices"]),
+        ]
+
+    def location_args(self, node: str) -> list[str]:
+        """Flags telling `lbd status`/`lbd cleanup` where this node's datapath lives."""
+        if self.mode != "ebpf":
+            return []
+        o = self.ebpf_options(node)
+        return ["--cgroup-root", o["cgroup"], "--bpffs-root", o["bpffs"]]
+
+    def _ebpf_backend(self, node: str) -> Any:
+        from backends.ebpf import from_config
+        from lbd.config import ProxyConfig
+
+        cfg = ProxyConfig(mode="ebpf", extra={"ebpf": self.ebpf_options(node)})
+        return from_config(cfg, self.cluster.netns_of(node))
 
     def log_path(self, node: str) -> Path:
         return self.workdir / f"lbd-{node}.log"
@@ -319,6 +386,44 @@ class LbdEnv:
     def delete(self, kind: str, name: str, namespace: str | None = "default") -> None:
         assert self.api is not None
         self.api.server.delete_object(kind, namespace, name)
+
+    # -- traffic -----------------------------------------------------------------------
+
+    def spread_from(
+        self,
+        client: str,
+        ip: str,
+        port: int,
+        proto: str = "tcp",
+        count: int = 30,
+        timeout: float = 1.0,
+    ) -> Spread:
+        """Requests from a pod, a node (host network) or "external".
+
+        In ebpf mode a node's own processes are balanced by socket LB, which sees only
+        processes in the node's cgroup: the probe then runs as a process placed there.
+        """
+        ns = self.cluster.netns_of(client)
+        is_node = any(client in (n.name, n.netns) for n in self.cluster.nodes)
+        if not (self.mode == "ebpf" and is_node):
+            return spread(ns, ip, port, proto, count, timeout=timeout)  # type: ignore[arg-type]
+        node = self.cluster.node(client).name
+        argv = [
+            sys.executable,
+            "-m",
+            "lbd.testing.traffic",
+            proto,
+            ip,
+            str(port),
+            "--count",
+            str(count),
+            "--timeout",
+            str(timeout),
+            "--json",
+        ]
+        proc = self.cgroups.run(self.cgroups.node(node), ns, argv, timeout=60 + count * timeout)
+        data = json.loads(proc.stdout)
+        return Spread(Counter(data["pods"]), set(data["client_ips"]), Counter(data["failures"]))
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ cannot run is reported as skipped with the daemon's own one-sentence reason.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,25 @@ from backends.base import HostUnsupported
 from backends.registry import check_host
 from lbd.testing.env import LbdEnv
 
-MODES = ["iptables", "ebpf", "ipvs"]
+ALL_MODES = ["iptables", "ebpf", "ipvs"]
+# LBD_E2E_MODES=ipvs (comma-separated) limits the runs, e.g. inside the IPVS VM, where the
+# other modes have already run on the host.
+MODES = [m for m in os.environ.get("LBD_E2E_MODES", ",".join(ALL_MODES)).split(",") if m]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the e2e runs of modes outside LBD_E2E_MODES (whichever module's `env`
+    fixture parameterises them)."""
+    here = Path(__file__).parent
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        mode = callspec.params.get("env") if callspec is not None else None
+        inside = here in item.path.parents
+        (drop if inside and mode is not None and mode not in MODES else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="module", params=MODES)

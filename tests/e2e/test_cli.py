@@ -35,7 +35,11 @@ def env(request):
 
 
 def lbd(env: LbdEnv, node: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return env.exec_in(node, [sys.executable, "-m", "lbd", *args], timeout=60)
+    # status/cleanup must look where this node's daemon keeps its datapath (ebpf: pins)
+    argv = [sys.executable, "-m", "lbd", *args]
+    if args[0] in ("status", "cleanup"):
+        argv += env.location_args(node)
+    return env.exec_in(node, argv, timeout=60)
 
 
 def test_status_reads_the_kernel(env):

@@ -59,9 +59,13 @@ def publish(
     env.wait_synced()
 
 
-def answers(ns: str, ip: str, port: int, proto: str = "tcp", n: int = 30) -> Counter[str]:
+def answers(
+    env: LbdEnv, client: str, ip: str, port: int, proto: str = "tcp", n: int = 30
+) -> Counter[str]:
+    """Which pods answered `n` requests from `client` (a pod, a node or "external")."""
+
     def check() -> Counter[str]:
-        result = spread(ns, ip, port, proto, n, timeout=1.0)
+        result = env.spread_from(client, ip, port, proto, n)
         assert result.failed == 0, result.failures
         return result.pods
 
@@ -93,9 +97,9 @@ def all_pods(env: LbdEnv) -> set[str]:
 def test_cluster_ip_from_pod_and_host_network_spreads_over_all_endpoints(env, uid):
     name = f"c{uid}"
     publish(env, name, {"vip": vip(uid)}, eps(env))
-    from_pod = answers(pod_ns(env), vip(uid), 80, n=60)
+    from_pod = answers(env, "pod-1-1", vip(uid), 80, n=60)
     assert set(from_pod) == all_pods(env)
-    from_node = answers(env.cluster.netns_of("node-2"), vip(uid), 80, n=60)
+    from_node = answers(env, "node-2", vip(uid), 80, n=60)
     assert set(from_node) == all_pods(env)
     assert_source_preserved(env, vip(uid), "pod-1-1", env.cluster.pod("pod-1-1").ipv4)
 
@@ -108,9 +112,9 @@ def test_udp_cluster_ip_and_multi_port(env, uid):
         PortSpec(53, 8080, "UDP", "dns"),
     ]
     publish(env, name, {"vip": vip(uid)}, eps(env), ports=ports)
-    assert set(answers(pod_ns(env), vip(uid), 80)) <= all_pods(env)
-    assert answers(pod_ns(env), vip(uid), 8443)
-    assert set(answers(pod_ns(env), vip(uid), 53, "udp", n=40)) == all_pods(env)
+    assert set(answers(env, "pod-1-1", vip(uid), 80)) <= all_pods(env)
+    assert answers(env, "pod-1-1", vip(uid), 8443)
+    assert set(answers(env, "pod-1-1", vip(uid), 53, "udp", n=40)) == all_pods(env)
     # a port the service does not have is not captured
     with pytest.raises((RequestRefused, RequestTimeout)):
         tcp_request(pod_ns(env), vip(uid), 81, timeout=1.0)
@@ -127,7 +131,7 @@ def test_dual_stack_cluster_ip(env, uid):
         )
     )
     env.wait_synced()
-    assert set(answers(pod_ns(env), v6vip, 80, n=40)) == all_pods(env)
+    assert set(answers(env, "pod-1-1", v6vip, 80, n=40)) == all_pods(env)
     assert_source_preserved(env, v6vip, "pod-1-1", env.cluster.pod("pod-1-1").ipv6)
 
 
@@ -145,24 +149,24 @@ def test_no_endpoints_is_connection_refused_at_once(env, uid):
 def test_endpoints_scale_up_and_down_and_terminating_fallback(env, uid):
     name = f"c{uid}"
     publish(env, name, {"vip": vip(uid)}, eps(env, ["pod-1-1"]))
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-1-1"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80)) == {"pod-1-1"}
     env.apply(endpoint_slice(name, eps(env, ["pod-1-1", "pod-2-2"]), [HTTP]))
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
     # pod-1-1 terminating while pod-2-2 is ready: only pod-2-2 gets new connections
     draining = EndpointSpec(
         env.cluster.pod("pod-1-1").ipv4, "node-1", ready=False, serving=True, terminating=True
     )
     env.apply(endpoint_slice(name, [draining, *eps(env, ["pod-2-2"])], [HTTP]))
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-2-2"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80)) == {"pod-2-2"}
     # only the terminating one left: it still serves (graceful termination)
     env.apply(endpoint_slice(name, [draining], [HTTP]))
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-1-1"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80)) == {"pod-1-1"}
     env.apply(endpoint_slice(name, eps(env, ["pod-1-1", "pod-2-2"]), [HTTP]))
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80, n=40)) == {"pod-1-1", "pod-2-2"}
     # pod-1-1 terminating while pod-2-2 is ready: only pod-2-2 gets new connections
     env.apply(
         endpoint_slice(
@@ -181,7 +185,7 @@ def test_endpoints_scale_up_and_down_and_terminating_fallback(env, uid):
         )
     )
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-2-2"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80)) == {"pod-2-2"}
     # only the terminating one left: it still serves (graceful termination)
     env.apply(
         endpoint_slice(
@@ -199,7 +203,7 @@ def test_endpoints_scale_up_and_down_and_terminating_fallback(env, uid):
         )
     )
     env.wait_synced()
-    assert set(answers(pod_ns(env, "pod-2-1"), vip(uid), 80)) == {"pod-1-1"}
+    assert set(answers(env, "pod-2-1", vip(uid), 80)) == {"pod-1-1"}
 
 
 def test_internal_traffic_policy_local(env, uid):
@@ -210,8 +214,8 @@ def test_internal_traffic_policy_local(env, uid):
         {"vip": vip(uid), "internal_traffic_policy": "Local"},
         eps(env, ["pod-1-1", "pod-2-1"]),
     )
-    assert set(answers(pod_ns(env, "pod-1-2"), vip(uid), 80)) == {"pod-1-1"}
-    assert set(answers(pod_ns(env, "pod-2-2"), vip(uid), 80)) == {"pod-2-1"}
+    assert set(answers(env, "pod-1-2", vip(uid), 80)) == {"pod-1-1"}
+    assert set(answers(env, "pod-2-2", vip(uid), 80)) == {"pod-2-1"}
     # no local endpoint on node-1 any more: dropped (a timeout, not a refusal)
     env.apply(endpoint_slice(name, eps(env, ["pod-2-1"]), [HTTP]))
     env.wait_synced()
@@ -222,16 +226,16 @@ def test_internal_traffic_policy_local(env, uid):
 def test_session_affinity_pins_a_client_and_expires(env, uid):
     name = f"c{uid}"
     publish(env, name, {"vip": vip(uid), "affinity_timeout": 3}, eps(env))
-    first = answers(pod_ns(env), vip(uid), 80, n=20)
+    first = answers(env, "pod-1-1", vip(uid), 80, n=20)
     assert len(first) == 1, first
     # another client is not pinned to the same pod necessarily, but is pinned too
-    assert len(answers(pod_ns(env, "pod-2-2"), vip(uid), 80, n=20)) == 1
+    assert len(answers(env, "pod-2-2", vip(uid), 80, n=20)) == 1
     # after the timeout with no traffic, the client may land elsewhere: over several
     # expiries, more than one pod must be seen
     seen = set(first)
     for _ in range(6):
         time.sleep(3.5)
-        seen |= set(answers(pod_ns(env), vip(uid), 80, n=1))
+        seen |= set(answers(env, "pod-1-1", vip(uid), 80, n=1))
         if len(seen) > 1:
             break
     assert len(seen) > 1
@@ -265,16 +269,16 @@ def test_services_of_another_proxy_and_headless_are_ignored(env, uid):
 def test_updates_to_ports_and_type_take_effect(env, uid):
     name = f"c{uid}"
     publish(env, name, {"vip": vip(uid)}, eps(env))
-    assert answers(pod_ns(env), vip(uid), 80)
+    assert answers(env, "pod-1-1", vip(uid), 80)
     ports = [PortSpec(8000, 8080, "TCP", "http", node_port=30000 + uid)]
     env.apply(service(name, [vip(uid)], ports, type="NodePort"))
     env.apply(endpoint_slice(name, eps(env), ports))
     env.wait_synced()
-    assert answers(pod_ns(env), vip(uid), 8000)
+    assert answers(env, "pod-1-1", vip(uid), 8000)
     with pytest.raises((RequestTimeout, RequestRefused)):
         tcp_request(pod_ns(env), vip(uid), 80, timeout=1.0)
     node1 = env.node("node-1")
-    assert answers(env.cluster.external.netns, node1.ipv4, 30000 + uid)
+    assert answers(env, "external", node1.ipv4, 30000 + uid)
     env.delete("Service", name)
     env.wait_synced()
     with pytest.raises((RequestTimeout, RequestRefused)):
@@ -307,7 +311,7 @@ def test_node_port_lb_ip_and_external_ip_with_cluster_policy_masquerade(env, uid
         (lb_ip(uid), 80),
         (lb_ip(uid + 100), 80),
     ):
-        got = answers(ext, target, port, n=40)
+        got = answers(env, "external", target, port, n=40)
         # endpoints on both nodes are reachable from any node (remote ones via SNAT)
         assert set(got) == all_pods(env), (target, got)
         seen = spread(ext, target, port, count=10).client_ips
@@ -346,7 +350,7 @@ def test_external_traffic_policy_local_preserves_source_and_health_checks(env, u
     assert json.loads(body)["localEndpoints"] == 2
     eventually(lambda: _hc(ext.netns, node2.ipv4, hc, 503))
     # from inside the cluster the LB IP still works on node-2 (short-circuited)
-    assert set(answers(pod_ns(env, "pod-2-1"), lb_ip(uid), 80)) <= {"pod-1-1", "pod-1-2"}
+    assert set(answers(env, "pod-2-1", lb_ip(uid), 80)) <= {"pod-1-1", "pod-1-2"}
 
 
 def _hc(ns: str, ip: str, port: int, want: int) -> tuple[int, str]:
@@ -382,7 +386,7 @@ def test_load_balancer_source_ranges(env, uid):
         )
     )
     env.wait_synced()
-    assert answers(ext.netns, lb_ip(uid), 80)
+    assert answers(env, "external", lb_ip(uid), 80)
 
 
 # --- conntrack, restarts, repair --------------------------------------------------------
@@ -414,7 +418,7 @@ def test_udp_flow_moves_at_once_when_its_endpoint_goes_away(env, uid):
 def test_rules_flushed_by_an_admin_come_back(env, uid):
     name = f"c{uid}"
     publish(env, name, {"vip": vip(uid)}, eps(env))
-    assert answers(pod_ns(env), vip(uid), 80)
+    assert answers(env, "pod-1-1", vip(uid), 80)
     if env.mode != "iptables":
         pytest.skip("flushing tables is an iptables-mode fault")
     node1 = env.cluster.netns_of("node-1")
@@ -425,7 +429,7 @@ def test_rules_flushed_by_an_admin_come_back(env, uid):
             check=False,
         )
     # traffic from node-1's pods works again within a few seconds, with no API change
-    answers(pod_ns(env, "pod-1-1"), vip(uid), 80)
+    answers(env, "pod-1-1", vip(uid), 80)
 
 
 def test_daemon_restart_keeps_established_connections_and_converges(env, uid):
@@ -444,7 +448,7 @@ def test_daemon_restart_keeps_established_connections_and_converges(env, uid):
         time.sleep(1.0)
         env.start_daemon("node-1")
         env.wait_synced()
-        assert answers(ns, vip(uid + 1000), 80)
+        assert answers(env, "pod-1-1", vip(uid + 1000), 80)
     assert traffic.failures == [], traffic.summary()
     conn.sendall(b"ping\n")
     assert conn.recv(512)  # the connection made before the restart still works

@@ -1,0 +1,393 @@
+"""EbpfBackend: the Backend protocol for the eBPF mode.
+
+Owns the sync policy: load (or re-adopt) the datapath on first use, diff the desired maps
+against lbd's model of the kernel (re-read from the kernel on full syncs and after any
+failure), write only the differences, clean UDP conntrack entries of departed backends,
+and run the conntrack/affinity garbage collector. Also reads the kernel back for status
+and removes everything on cleanup. The programs and the map layouts live in bpf_lb/.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from backends.base import FrontendStatus, HostUnsupported, SyncResult
+from backends.ebpf import conntrack
+from backends.ebpf.loader import (
+    Datapath,
+    LoaderError,
+    MapSizes,
+    ensure_cgroup2,
+    netns_cookie,
+)
+from backends.ebpf.plan import BACKENDS, FrontendCache, MapView, PlanOptions, plan
+from bpf_lb import bpfsys
+from bpf_lb.maglev import DEFAULT_TABLE_SIZE
+from bpf_lb.maps import (
+    SCOPE_EXT,
+    SVC_EXTERNAL_IP,
+    SVC_LOADBALANCER,
+    SVC_NODEPORT,
+)
+from lbd.config import ProxyConfig
+from lbd.model.state import ProxyState
+
+log = structlog.get_logger("lbd.backends.ebpf")
+
+DEFAULT_BPFFS = "/sys/fs/bpf/lbd/default"
+DEFAULT_CGROUP = "/run/lbd/cgroupv2"
+
+
+def check_host() -> None:
+    """Raise HostUnsupported (one sentence) when this host cannot run the eBPF mode."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise HostUnsupported(
+            "ebpf mode needs BCC's Python bindings (Debian: python3-bpfcc, linked into lbd's "
+            "Python by scripts/setup), which cannot be imported here."
+        ) from None
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not (build / "include").exists():
+        raise HostUnsupported(
+            f"ebpf mode needs kernel headers for BCC at {build}, which is missing "
+            "(mount the host's /lib/modules and /usr/src, or run scripts/setup)."
+        )
+    try:
+        filesystems = Path("/proc/filesystems").read_text().split()
+    except OSError:
+        filesystems = []
+    if "cgroup2" not in filesystems:
+        raise HostUnsupported("ebpf mode needs cgroup v2, which this kernel does not offer.")
+    if "bpf" not in filesystems:
+        raise HostUnsupported("ebpf mode needs the bpf filesystem, which this kernel lacks.")
+    try:
+        bpfsys.probe()
+    except OSError as e:
+        raise HostUnsupported(
+            f"ebpf mode needs the bpf() system call, which fails here ({e.strerror}): "
+            "run lbd as root (CAP_BPF and CAP_NET_ADMIN)."
+        ) from None
+
+
+def from_config(cfg: ProxyConfig, netns: str | None = None) -> EbpfBackend:
+    """An EbpfBackend from `cfg.extra["ebpf"]` (a dict; every key optional):
+
+    cgroup (default DEFAULT_CGROUP, the whole node; "" disables socket LB), bpffs,
+    lb_algorithm, maglev_table_size, hostns_only, devices, pod_devices, gc_interval,
+    snat_port_range ([min, max]), map_sizes (a dict of MapSizes fields).
+    """
+    opts = dict(cfg.extra.get("ebpf") or {})
+    cgroup = opts.pop("cgroup", DEFAULT_CGROUP) or None
+    if cgroup == DEFAULT_CGROUP:
+        ensure_cgroup2(Path(DEFAULT_CGROUP))
+    sizes = opts.pop("map_sizes", None)
+    if "snat_port_range" in opts:
+        opts["snat_port_range"] = tuple(opts["snat_port_range"])
+    return EbpfBackend(
+        netns=netns,
+        cgroup=cgroup,
+        map_sizes=MapSizes(**sizes) if sizes else None,
+        **opts,
+    )
+
+
+def _kind(flags: int) -> str:
+    if flags & SVC_NODEPORT:
+        return "NodePort"
+    if flags & SVC_LOADBALANCER:
+        return "LoadBalancer"
+    if flags & SVC_EXTERNAL_IP:
+        return "ExternalIP"
+    return "ClusterIP"
+
+
+class EbpfBackend:
+    """kube-proxy's job done with eBPF: socket LB in a cgroup, tc LB on devices."""
+
+    mode = "ebpf"
+
+    def __init__(
+        self,
+        *,
+        netns: str | None = None,
+        cgroup: str | None = None,
+        bpffs: str = DEFAULT_BPFFS,
+        lb_algorithm: str = "random",
+        maglev_table_size: int = DEFAULT_TABLE_SIZE,
+        map_sizes: MapSizes | None = None,
+        hostns_only: bool = False,
+        devices: Sequence[str] = (),
+        pod_devices: Sequence[str] = (),
+        ct_timeouts: conntrack.CtTimeouts | None = None,
+        gc_interval: float = 10.0,
+        snat_port_range: tuple[int, int] = (0, 0),
+    ) -> None:
+        """
+        netns: the network namespace (name under /run/netns) whose devices get tc programs
+            and which counts as the host's for `hostns_only`; None: lbd's own.
+        cgroup: the cgroup v2 directory whose processes (and descendants) get socket LB;
+            None: no socket LB. On a real node this is the root of the cgroup2 hierarchy
+            (DEFAULT_CGROUP, mounted there if needed); never the root on a shared test
+            machine (programs there act for every process of the kernel).
+        bpffs: this instance's directory in a bpffs mount (maps and links are pinned here;
+            a later instance with the same directory re-adopts them).
+        lb_algorithm: "random" or "maglev"; maglev_table_size: Maglev's prime M.
+        hostns_only: socket LB only for sockets of `netns` (pods are then balanced by tc on
+            `pod_devices`).
+        devices: uplinks (tc ingress + egress: node ports, external and LB IPs).
+        pod_devices: pod-facing devices or glob patterns (tc ingress; re-scanned on every
+            sync so new pods are covered).
+        """
+        self.netns = netns
+        self.cgroup = cgroup
+        self.bpffs = Path(bpffs)
+        self.hostns_only = hostns_only
+        self.devices = list(devices)
+        self.pod_devices = list(pod_devices)
+        self.ct_timeouts = ct_timeouts or conntrack.CtTimeouts()
+        self.gc_interval = gc_interval
+        self._lb_algorithm = lb_algorithm
+        self._snat = snat_port_range
+        self._options: PlanOptions | None = None
+        PlanOptions(lb_algorithm=lb_algorithm, maglev_table_size=maglev_table_size)  # validate
+        self.datapath = Datapath(
+            self.bpffs, maglev_table_size=maglev_table_size, sizes=map_sizes, netns=netns
+        )
+        self._view: MapView | None = None  # None: unknown, re-read from the kernel
+        # The state the maps implement (as far as lbd wrote them): lets a partial sync
+        # plan only the service ports that changed since.
+        self._synced: ProxyState | None = None
+        self._frontends = FrontendCache()
+        self._lock = threading.RLock()
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
+        self.gc_stats = {"runs": 0, "ct_expired": 0, "affinity_expired": 0}
+
+    # --- start ------------------------------------------------------------------------------
+
+    def _plan_options(self) -> PlanOptions:
+        if self._options is None:
+            cookie = netns_cookie(self.netns) if self.hostns_only else 0
+            self._options = PlanOptions(
+                lb_algorithm=self._lb_algorithm,
+                maglev_table_size=self.datapath.maglev_table_size,
+                hostns_only=self.hostns_only,
+                host_netns_cookie=cookie,
+                snat_port_min=self._snat[0],
+                snat_port_max=self._snat[1],
+            )
+        return self._options
+
+    def start(self) -> None:
+        """Load (or re-adopt) the datapath and attach it. Idempotent; sync() calls it."""
+        with self._lock:
+            if self.datapath.loaded:
+                return
+            self.datapath.load()
+            try:
+                if self.cgroup:
+                    self.datapath.attach_cgroup(self.cgroup)
+                if self.devices or self.pod_devices:
+                    self.datapath.attach_tc(self.devices, self.pod_devices)
+            except Exception:
+                self.datapath.close()
+                raise
+            self._view = None
+            self._synced = None
+            log.info(
+                "eBPF datapath attached",
+                bpffs=str(self.bpffs),
+                cgroup=self.cgroup,
+                devices=self.devices,
+                netns=self.netns,
+            )
+
+    # --- sync -------------------------------------------------------------------------------
+
+    def sync(self, state: ProxyState, full: bool) -> SyncResult:
+        started = time.monotonic()
+        with self._lock:
+            fresh = not self.datapath.loaded
+            self.start()
+            reread = full or self._view is None
+            if reread and not fresh:
+                # a full sync also restores what someone removed behind lbd's back
+                self._reattach()
+            elif self.pod_devices:
+                self.datapath.attach_tc(self.devices, self.pod_devices)
+            if reread:
+                self._view = self.datapath.read_view()
+                self._synced = None
+            view = self._view
+            assert view is not None
+            p = plan(
+                state,
+                view,
+                self._plan_options(),
+                previous=self._synced,
+                cache=self._frontends,
+            )
+            try:
+                for op in p.ops:
+                    self.datapath.apply(op)
+                    view.apply(op)
+            except Exception:
+                self._view = None  # the kernel is somewhere between two states
+                self._synced = None
+                raise
+            self._synced = state
+            detail = p.counts()
+            backends_removed = any(op.map == BACKENDS and op.is_delete for op in p.ops)
+            slots_changed = detail.get("lbd_services_write", 0) + detail.get(
+                "lbd_services_delete", 0
+            )
+            if backends_removed or slots_changed or reread:
+                detail["conntrack_deleted"] = self._clean_udp(view)
+            detail["elapsed_ms"] = int((time.monotonic() - started) * 1000)
+        self._start_gc()
+        return SyncResult(full=reread, changed_service_ports=p.changed_service_ports, detail=detail)
+
+    def _clean_udp(self, view: MapView) -> int:
+        try:
+            entries = self.datapath.ct_entries()
+            return self.datapath.ct_delete(conntrack.stale_udp(entries, view))
+        except Exception as e:  # noqa: BLE001 - the maps are in; a later sync retries
+            log.warning("UDP conntrack cleanup failed", error=str(e))
+            return 0
+
+    # --- garbage collection -----------------------------------------------------------------
+
+    def gc(self, now_ns: int | None = None) -> dict[str, int]:
+        """Expire idle conntrack pairs and affinity entries once (the GC thread's body)."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        with self._lock:
+            if not self.datapath.loaded:
+                return {}
+            entries = self.datapath.ct_entries()
+            ct_n = self.datapath.ct_delete(conntrack.expired(entries, now_ns, self.ct_timeouts))
+            timeouts = {}
+            for (_fe, slot), v in (self._view or MapView()).services.items():
+                if slot == 0 and v.affinity_timeout:
+                    timeouts[v.svc_id] = v.affinity_timeout * 1_000_000_000
+            aff_n = self.datapath.affinity_delete_idle(timeouts, now_ns)
+        self.gc_stats["runs"] += 1
+        self.gc_stats["ct_expired"] += ct_n
+        self.gc_stats["affinity_expired"] += aff_n
+        return {"ct_expired": ct_n, "affinity_expired": aff_n}
+
+    def _start_gc(self) -> None:
+        if self.gc_interval <= 0 or self._gc_thread is not None:
+            return
+        self._gc_stop.clear()
+        self._gc_thread = threading.Thread(target=self._gc_loop, name="lbd-ebpf-gc", daemon=True)
+        self._gc_thread.start()
+
+    def _gc_loop(self) -> None:
+        while not self._gc_stop.wait(self.gc_interval):
+            try:
+                self.gc()
+            except Exception as e:  # noqa: BLE001 - keep collecting; log and go on
+                log.warning("conntrack GC failed", error=str(e))
+
+    def _stop_gc(self) -> None:
+        self._gc_stop.set()
+        thread, self._gc_thread = self._gc_thread, None
+        if thread is not None:
+            thread.join(timeout=5)
+
+    # --- health -----------------------------------------------------------------------------
+
+    def needs_full_sync(self) -> bool:
+        """True when the datapath is not (fully) in the kernel: maps unpinned, a cgroup
+        link or a tc filter gone."""
+        with self._lock:
+            if not self.datapath.loaded or self._view is None:
+                return True
+            if not self.datapath.maps_intact():
+                return True
+            if self.cgroup and not self.datapath.cgroup_links_intact():
+                return True
+            return not self.datapath.tc_intact()
+
+    def _reattach(self) -> None:
+        repinned = self.datapath.repin()
+        if repinned:
+            log.warning("re-pinned maps someone unpinned", maps=repinned)
+        if self.cgroup:
+            self.datapath.attach_cgroup(self.cgroup)
+        if self.devices or self.pod_devices:
+            self.datapath.attach_tc(self.devices, self.pod_devices)
+
+    # --- status -----------------------------------------------------------------------------
+
+    def status(self) -> list[FrontendStatus]:
+        with self._lock:
+            if self.datapath.loaded:
+                view = self.datapath.read_view()
+            else:
+                view = _read_pinned_view(self.datapath)
+        out = []
+        for (fe, slot), head in sorted(view.services.items()):
+            if slot != 0 or fe.scope != SCOPE_EXT:
+                continue
+            name = view.svc_names.get(head.svc_id, f"svc-{head.svc_id}")
+            service = name.split("#", 1)[0].rsplit("/", 2)[0]
+            endpoints = []
+            for i in range(1, head.count + 1):
+                s = view.services.get((fe, i))
+                b = view.backends.get(s.backend_id) if s else None
+                if b is not None:
+                    endpoints.append(str(b))
+            out.append(FrontendStatus(service, _kind(head.flags), str(fe), tuple(endpoints)))
+        return out
+
+    # --- cleanup ----------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Detach every program this instance (or a previous one with the same bpffs
+        directory and netns) attached, and unpin its maps. The cgroup is the caller's."""
+        self._stop_gc()
+        with self._lock:
+            errors = []
+            steps = [self.datapath.detach_cgroup]
+            # tc filters only where this configuration put them: a configuration without
+            # devices never looks at (let alone changes) any interface
+            if self.devices or self.pod_devices:
+                steps.append(self.datapath.detach_tc)
+            for step in steps:
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - do every step, report at the end
+                    errors.append(f"{step.__name__}: {e}")
+            self.datapath.close()
+            self.datapath.unpin()
+            self._view = None
+            self._synced = None
+        if errors:
+            raise LoaderError("eBPF cleanup incomplete: " + "; ".join(errors))
+
+    def close(self) -> None:
+        """Stop the GC and drop handles, leaving everything attached (a daemon exiting for
+        a restart: the datapath keeps serving until the next instance takes over)."""
+        self._stop_gc()
+        with self._lock:
+            self.datapath.close()
+            self._view = None
+            self._synced = None
+
+
+def _read_pinned_view(dp: Datapath) -> MapView:
+    """Status without loading anything: the pinned maps, if this instance has them."""
+    if not dp.open_pins():
+        return MapView()
+    try:
+        return dp.read_view()
+    finally:
+        dp.close()

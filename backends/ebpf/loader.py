@@ -1,0 +1,689 @@
+"""The thin kernel layer of the eBPF mode: compile, pin, attach, read and write maps.
+
+Owns one lbd instance's kernel objects, all named under one bpffs directory:
+
+    <pin_dir>/lbd_*          the maps (BPF_TABLE_PINNED: BCC creates and pins them on the
+                             first load, and re-opens the pinned ones on every later load,
+                             so a restarted daemon re-adopts their contents)
+    <pin_dir>/links/<prog>   one BPF link per socket-LB program, attached to the cgroup
+
+tc programs are attached with pyroute2 as cls_bpf filters (direct-action, lbd's own
+priority) on clsact qdiscs of the given devices inside the given network namespace.
+Replacing a program never leaves a gap: links get BPF_LINK_UPDATE, tc filters "replace".
+Nothing here decides what the maps should hold: see plan.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import fnmatch
+import os
+import re
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from backends.ebpf.plan import (
+    AFF_MATCH,
+    BACKENDS,
+    CONFIG,
+    MAGLEV,
+    REV_NAT,
+    SERVICES,
+    SRC_RANGE,
+    SVC_NAMES,
+    MapView,
+    Op,
+)
+from bpf_lb import bpfsys, maps
+from bpf_lb.maglev import DEFAULT_TABLE_SIZE, validate_table_size
+
+log = structlog.get_logger("lbd.backends.ebpf.loader")
+T = TypeVar("T")
+
+BPFFS_ROOT = Path("/sys/fs/bpf")
+CGROUP2_DEFAULT = Path("/run/lbd/cgroupv2")
+LINKS_DIR = "links"
+
+# BPF attach types (uapi bpf_attach_type), by socket-LB program.
+SOCK_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("lbd_sock_connect4", 10),  # BPF_CGROUP_INET4_CONNECT
+    ("lbd_sock_connect6", 11),  # BPF_CGROUP_INET6_CONNECT
+    ("lbd_sock_sendmsg4", 14),  # BPF_CGROUP_UDP4_SENDMSG
+    ("lbd_sock_sendmsg6", 15),  # BPF_CGROUP_UDP6_SENDMSG
+    ("lbd_sock_recvmsg4", 19),  # BPF_CGROUP_UDP4_RECVMSG
+    ("lbd_sock_recvmsg6", 20),  # BPF_CGROUP_UDP6_RECVMSG
+    ("lbd_sock_getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    ("lbd_sock_getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+)
+TC_FROM_NETDEV = "lbd_tc_from_netdev"
+TC_FROM_POD = "lbd_tc_from_pod"
+TC_EGRESS = "lbd_tc_egress"
+TC_PRIO = 0x4C42  # "LB": lbd's filters are recognised by priority and name
+TC_HANDLE = 1
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS_PARENT = "ffff:fff3"
+
+_MAP_TYPES = {"hash": 1, "array": 2, "lru_hash": 9, "lpm_trie": 11}
+SO_NETNS_COOKIE = 71
+
+
+class LoaderError(RuntimeError):
+    """The datapath could not be loaded or attached; the message says what and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class MapSizes:
+    """max_entries of lbd's maps (memory: the LRU maps are preallocated)."""
+
+    services: int = 65536  # frontend heads + backend slots
+    backends: int = 65536
+    rev_nat: int = 65536
+    maglev: int = 4096  # Maglev tables (only with lb_algorithm=maglev)
+    affinity: int = 65536
+    conntrack: int = 131072
+    source_ranges: int = 16384
+    sock_rev: int = 65536
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "LBD_SERVICES_MAX": self.services,
+            "LBD_BACKENDS_MAX": self.backends,
+            "LBD_REV_NAT_MAX": self.rev_nat,
+            "LBD_MAGLEV_MAX": self.maglev,
+            "LBD_AFFINITY_MAX": self.affinity,
+            "LBD_CT_MAX": self.conntrack,
+            "LBD_SRC_RANGE_MAX": self.source_ranges,
+            "LBD_SOCK_REV_MAX": self.sock_rev,
+        }
+
+
+def source_text() -> str:
+    """lb.h + sock.c + tc.c as one translation unit (BCC rewrites map calls in the main
+    file only, so the local #includes are inlined here rather than resolved by clang)."""
+    parts = []
+    for name in maps.C_SOURCES:
+        text = (maps.SOURCE_DIR / name).read_text()
+        parts.append(re.sub(r'^#include "[^"]+"[ \t]*$', "", text, flags=re.M))
+    return "\n".join(parts)
+
+
+def is_mountpoint(path: Path, fstype: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == str(path) and fields[2] == fstype:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def bpffs_mount_of(path: Path) -> Path | None:
+    """The bpffs mount `path` is (or would be) under, if any."""
+    best: Path | None = None
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "bpf":
+                mnt = Path(fields[1])
+                if (path == mnt or mnt in path.parents) and (
+                    best is None or len(str(mnt)) > len(str(best))
+                ):
+                    best = mnt
+    return best
+
+
+def ensure_bpffs(root: Path = BPFFS_ROOT) -> None:
+    """Mount bpffs at `root` unless one is mounted there already."""
+    if is_mountpoint(root, "bpf"):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    _mount("bpf", str(root), "bpf")
+
+
+def ensure_cgroup2(root: Path = CGROUP2_DEFAULT) -> None:
+    """Mount the cgroup v2 hierarchy at `root` unless it is mounted there already."""
+    if is_mountpoint(root, "cgroup2"):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    _mount("none", str(root), "cgroup2")
+
+
+def _mount(source: str, target: str, fstype: str) -> None:
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        err = ct.get_errno()
+        raise LoaderError(f"cannot mount {fstype} at {target}: {os.strerror(err)}")
+
+
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run `fn` on a short-lived thread that has entered network namespace `name`
+    (/run/netns/<name>); None: in this thread, here.
+
+    Only that thread moves (setns affects the calling thread), so the rest of the daemon
+    never changes namespace. Sockets `fn` creates (netlink included) stay bound to `name`.
+    pyroute2's NetNS is avoided on purpose: it forks a helper process and stops it with
+    SIGTERM, which runs whatever SIGTERM handler the parent installed in the child.
+    """
+    if name is None:
+        return fn()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            libc = ct.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                    err = ct.get_errno()
+                    raise OSError(err, f"setns {name}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = e
+
+    t = threading.Thread(target=run, name=f"lbd-netns-{name}")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def netns_cookie(name: str | None) -> int:
+    """The network namespace cookie (what bpf_get_netns_cookie returns) of namespace
+    `name`, or of this thread's namespace for None."""
+
+    def probe() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        return int.from_bytes(raw, "little")
+
+    try:
+        return in_netns(name, probe)
+    except OSError as e:
+        raise LoaderError(f"cannot read the netns cookie of {name or 'this namespace'}: {e}") from e
+
+
+def with_iproute(netns: str | None, fn: Callable[[Any], T]) -> T:
+    """`fn(ip)` with a pyroute2 IPRoute talking to namespace `netns`."""
+    from pyroute2 import IPRoute
+
+    def run() -> T:
+        with IPRoute() as ip:
+            return fn(ip)
+
+    return in_netns(netns, run)
+
+
+class Datapath:
+    """One lbd instance's programs and maps in the kernel."""
+
+    def __init__(
+        self,
+        pin_dir: str | Path,
+        *,
+        maglev_table_size: int = DEFAULT_TABLE_SIZE,
+        sizes: MapSizes | None = None,
+        netns: str | None = None,
+    ) -> None:
+        self.pin_dir = Path(pin_dir)
+        self.maglev_table_size = validate_table_size(maglev_table_size)
+        self.sizes = sizes or MapSizes()
+        self.netns = netns
+        self._bpf: Any = None
+        self._tables: dict[str, Any] = {}
+        self._tc_devices: dict[str, str] = {}  # device -> role ("netdev" | "pod")
+        self.cgroup: Path | None = None
+
+    # --- layout -------------------------------------------------------------------------
+
+    def _value_type(self, spec: maps.MapSpec) -> Any:
+        if spec.value is None:
+            return maps.maglev_val_type(self.maglev_table_size)
+        return spec.value
+
+    def _max_entries(self, spec: maps.MapSpec) -> int:
+        return self.sizes.defines()[spec.size_macro] if spec.size_macro else 1
+
+    def cflags(self) -> list[str]:
+        flags = [f'-DLBD_PIN_DIR="{self.pin_dir}"', f"-DLBD_MAGLEV_M={self.maglev_table_size}"]
+        flags += [f"-D{k}={v}" for k, v in self.sizes.defines().items()]
+        return flags
+
+    def _drop_incompatible_pins(self) -> list[str]:
+        """Unpin maps whose layout or size no longer matches (another lbd version, another
+        Maglev table size): BCC would re-open them as they are. The next sync refills
+        them; the datapath keeps the old maps until the new programs replace it."""
+        dropped = []
+        for spec in maps.MAP_SPECS.values():
+            path = self.pin_dir / spec.name
+            if not path.exists():
+                continue
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)
+                dropped.append(spec.name)
+                continue
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+            want = (
+                _MAP_TYPES[spec.kind],
+                ct.sizeof(spec.key),
+                ct.sizeof(self._value_type(spec)),
+                self._max_entries(spec),
+            )
+            have = (info.type, info.key_size, info.value_size, info.max_entries)
+            if have != want:
+                log.warning("recreating pinned map", map=spec.name, have=have, want=want)
+                path.unlink()
+                dropped.append(spec.name)
+        return dropped
+
+    # --- load ---------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._bpf is not None
+
+    def load(self) -> None:
+        """Compile the programs; create + pin the maps, or re-open the pinned ones."""
+        from bcc import BPF
+
+        mount = bpffs_mount_of(self.pin_dir)
+        if mount is None:
+            if self.pin_dir.is_relative_to(BPFFS_ROOT):
+                ensure_bpffs(BPFFS_ROOT)
+            else:
+                raise LoaderError(f"{self.pin_dir} is not inside a bpffs mount")
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        (self.pin_dir / LINKS_DIR).mkdir(exist_ok=True)
+        self._drop_incompatible_pins()
+        try:
+            self._bpf = BPF(text=source_text().encode(), cflags=self.cflags())
+        except Exception as e:
+            raise LoaderError(f"compiling lbd's eBPF programs failed: {e}") from e
+        for spec in maps.MAP_SPECS.values():
+            self._tables[spec.name] = self._bpf.get_table(
+                spec.name.encode(), keytype=spec.key, leaftype=self._value_type(spec)
+            )
+
+    def open_pins(self) -> bool:
+        """Open the pinned maps without compiling anything (status, cleanup, inspection).
+        False when this instance has no (complete) set of pins."""
+        if self.loaded or not self.maps_intact():
+            return self.loaded
+        self._tables = {
+            spec.name: bpfsys.PinnedMap(
+                str(self.pin_dir / spec.name), spec.key, self._value_type(spec)
+            )
+            for spec in maps.MAP_SPECS.values()
+        }
+        return True
+
+    def _func(self, name: str, prog_type: int, attach_type: int = -1) -> Any:
+        return self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+
+    # --- cgroup (socket LB) ---------------------------------------------------------------
+
+    def attach_cgroup(self, cgroup: str | Path) -> None:
+        """Attach the socket-LB programs to `cgroup` (a cgroup v2 directory) through pinned
+        links, replacing the programs of links a previous instance left."""
+        from bcc import BPFProgType
+
+        cgroup = Path(cgroup)
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            cg_id = os.fstat(cg_fd).st_ino
+            for name, attach_type in SOCK_PROGRAMS:
+                fn = self._func(name, BPFProgType.CGROUP_SOCK_ADDR, attach_type)
+                self._attach_link(name, fn.fd, cg_fd, cg_id, attach_type)
+        finally:
+            os.close(cg_fd)
+        self.cgroup = cgroup
+
+    def _attach_link(self, name: str, prog_fd: int, cg_fd: int, cg_id: int, at: int) -> None:
+        path = self.pin_dir / LINKS_DIR / name
+        if path.exists():
+            fd = bpfsys.obj_get(str(path))
+            try:
+                raw_cg = _link_cgroup_id(fd)
+                if raw_cg == cg_id:
+                    bpfsys.link_update(fd, prog_fd)
+                    return
+                # pinned for another cgroup (or a cgroup that was removed): start over
+                with contextlib.suppress(OSError):
+                    bpfsys.link_detach(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+        fd = bpfsys.link_create(prog_fd, cg_fd, at)
+        try:
+            bpfsys.obj_pin(fd, str(path))
+        finally:
+            os.close(fd)
+
+    def detach_cgroup(self) -> None:
+        links = self.pin_dir / LINKS_DIR
+        if not links.is_dir():
+            return
+        for path in sorted(links.iterdir()):
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                with contextlib.suppress(OSError):
+                    bpfsys.link_detach(fd)
+            finally:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+        self.cgroup = None
+
+    def cgroup_links_intact(self) -> bool:
+        for name, _ in SOCK_PROGRAMS:
+            path = self.pin_dir / LINKS_DIR / name
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except OSError:
+                return False
+            try:
+                if bpfsys.link_info(fd).prog_id == 0 or _link_cgroup_id(fd) == 0:
+                    return False
+            finally:
+                os.close(fd)
+        return True
+
+    # --- tc -------------------------------------------------------------------------------
+
+    def attach_tc(self, netdevs: Sequence[str], pod_devices: Sequence[str] = ()) -> list[str]:
+        """Attach the tc programs: uplinks get ingress + egress, pod-facing devices ingress.
+        Entries of `pod_devices` may be glob patterns ("vp*", "lxc*"). Returns the devices
+        newly attached."""
+        from bcc import BPF
+
+        ingress = self._func(TC_FROM_NETDEV, BPF.SCHED_CLS)
+        egress = self._func(TC_EGRESS, BPF.SCHED_CLS)
+        from_pod = self._func(TC_FROM_POD, BPF.SCHED_CLS)
+        added: list[str] = []
+
+        def attach(ip: Any) -> None:
+            names = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ip.get_links()}
+            wanted: dict[str, str] = {}
+            for dev in netdevs:
+                if dev not in names:
+                    raise LoaderError(f"device {dev} not found in netns {self.netns or '(own)'}")
+                wanted[dev] = "netdev"
+            for pattern in pod_devices:
+                for dev in names:
+                    if fnmatch.fnmatchcase(dev, pattern) and dev not in wanted:
+                        wanted[dev] = "pod"
+            for dev, role in sorted(wanted.items()):
+                idx = names[dev]
+                _ensure_clsact(ip, idx)
+                if role == "netdev":
+                    _replace_filter(ip, idx, TC_INGRESS, ingress)
+                    _replace_filter(ip, idx, TC_EGRESS_PARENT, egress)
+                else:
+                    _replace_filter(ip, idx, TC_INGRESS, from_pod)
+                if dev not in self._tc_devices:
+                    added.append(dev)
+                self._tc_devices[dev] = role
+            # devices that went away (a deleted pod's veth)
+            for dev in [d for d in self._tc_devices if d not in names]:
+                del self._tc_devices[dev]
+
+        with_iproute(self.netns, attach)
+        return added
+
+    def tc_intact(self) -> bool:
+        if not self._tc_devices:
+            return True
+
+        def check(ip: Any) -> bool:
+            names = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ip.get_links()}
+            for dev, role in self._tc_devices.items():
+                if dev not in names:
+                    continue
+                parents = [TC_INGRESS] + ([TC_EGRESS_PARENT] if role == "netdev" else [])
+                for parent in parents:
+                    if not _our_filters(ip, names[dev], parent):
+                        return False
+            return True
+
+        try:
+            return with_iproute(self.netns, check)
+        except Exception as e:  # noqa: BLE001 - a vanished netns is "not intact"
+            log.warning("cannot check tc filters", error=str(e))
+            return False
+
+    def detach_tc(self) -> list[str]:
+        """Remove lbd's filters from every device of the namespace (also those a previous
+        instance attached), and the clsact qdiscs left empty."""
+
+        def detach(ip: Any) -> list[str]:
+            removed = []
+            for link in ip.get_links():
+                idx, dev = link["index"], link.get_attr("IFLA_IFNAME")
+                found = False
+                for parent in (TC_INGRESS, TC_EGRESS_PARENT):
+                    if _our_filters(ip, idx, parent):
+                        found = True
+                        with contextlib.suppress(Exception):
+                            ip.tc("del-filter", "bpf", idx, parent=parent, prio=TC_PRIO)
+                if found:
+                    removed.append(dev)
+                    if not any(_all_filters(ip, idx, p) for p in (TC_INGRESS, TC_EGRESS_PARENT)):
+                        with contextlib.suppress(Exception):
+                            ip.tc("del", "clsact", idx)
+            return removed
+
+        self._tc_devices.clear()
+        if self.netns is not None and not os.path.exists(f"/run/netns/{self.netns}"):
+            return []  # the namespace is gone, and its devices with it
+        return with_iproute(self.netns, detach)
+
+    # --- maps -----------------------------------------------------------------------------
+
+    def table(self, name: str) -> Any:
+        return self._tables[name]
+
+    def items(self, name: str) -> list[tuple[Any, Any]]:
+        """Every entry of a map; batched (two syscalls per ~thousand entries instead of
+        two per entry) where the map type and the table object allow it."""
+        table = self._tables[name]
+        batch = getattr(table, "items_lookup_batch", None)
+        if batch is not None and maps.MAP_SPECS[name].kind in ("hash", "lru_hash"):
+            try:
+                # scalar keys come back as Python ints from a batch: give them the same
+                # shape as the one-by-one path (ctypes instances with .value)
+                key_type = maps.MAP_SPECS[name].key
+                return [(key_type(k) if isinstance(k, int) else k, v) for k, v in batch()]
+            except Exception:  # noqa: BLE001 - old kernel or BCC: one by one
+                pass
+        return list(table.items())
+
+    def read_view(self) -> MapView:
+        """What the control-plane maps hold now."""
+        v = MapView()
+        for k, val in self.items(SERVICES):
+            fe, slot = maps.decode_svc_key(k)
+            v.services[(fe, slot)] = maps.decode_svc_val(val)
+        v.backends = {k.value: maps.decode_backend(b) for k, b in self.items(BACKENDS)}
+        v.rev_nat = {k.value: maps.decode_rev_nat(r) for k, r in self.items(REV_NAT)}
+        v.maglev = {k.value: maps.decode_maglev_ids(t) for k, t in self.items(MAGLEV)}
+        v.aff_match = {(k.backend_id, k.svc_id) for k in self.table(AFF_MATCH)}
+        v.src_ranges = {maps.decode_src_range(k) for k in self.table(SRC_RANGE)}
+        v.svc_names = {k.value: maps.decode_svc_name(n) for k, n in self.items(SVC_NAMES)}
+        cfg = self.table(CONFIG)[ct.c_uint32(0)]
+        v.config = maps.decode_config(cfg) if any(bytes(cfg)) else None
+        return v
+
+    def apply(self, op: Op) -> None:
+        """Perform one planned write (deleting something already gone is not an error)."""
+        t = self.table(op.map)
+        key, value = self._encode(op)
+        if value is None:
+            with contextlib.suppress(KeyError):
+                del t[key]
+        else:
+            t[key] = value
+
+    def _encode(self, op: Op) -> tuple[Any, Any]:
+        delete = op.value is None
+        if op.map == SERVICES:
+            fe, slot = op.key
+            return maps.encode_svc_key(fe, slot), None if delete else maps.encode_svc_val(op.value)
+        if op.map == BACKENDS:
+            return ct.c_uint32(op.key), None if delete else maps.encode_backend(op.value)
+        if op.map == REV_NAT:
+            return ct.c_uint32(op.key), None if delete else maps.encode_rev_nat(op.value)
+        if op.map == MAGLEV:
+            val = None if delete else maps.encode_maglev(op.value, self.maglev_table_size)
+            return ct.c_uint32(op.key), val
+        if op.map == AFF_MATCH:
+            return maps.AffMatchKey(*op.key), None if delete else ct.c_uint8(1)
+        if op.map == SRC_RANGE:
+            return maps.encode_src_range(op.key), None if delete else ct.c_uint8(1)
+        if op.map == SVC_NAMES:
+            return ct.c_uint32(op.key), None if delete else maps.encode_svc_name(op.value)
+        if op.map == CONFIG:
+            value = maps.encode_config(op.value) if op.value is not None else maps.ConfigVal()
+            return ct.c_uint32(0), value
+        raise ValueError(f"unknown map {op.map}")
+
+    def ct_entries(self) -> dict[maps.CtTuple, maps.CtEntry]:
+        out = {}
+        for k, v in self.items("lbd_ct"):
+            out[maps.decode_ct_key(k)] = maps.decode_ct_val(v, k.family)
+        return out
+
+    def ct_delete(self, keys: Iterable[maps.CtTuple]) -> int:
+        t = self.table("lbd_ct")
+        n = 0
+        for key in keys:
+            with contextlib.suppress(KeyError):
+                del t[maps.encode_ct_key(key)]
+                n += 1
+        return n
+
+    def affinity_delete_idle(self, max_idle_ns: dict[int, int], now_ns: int) -> int:
+        """Delete affinity entries idle longer than their service's timeout (svc id →
+        timeout in ns; entries of unknown svc ids go too)."""
+        t = self.table("lbd_affinity")
+        doomed = [
+            k
+            for k, v in self.items("lbd_affinity")
+            if now_ns - v.last_used_ns > max_idle_ns.get(k.svc_id, 0)
+        ]
+        for k in doomed:
+            with contextlib.suppress(KeyError):
+                del t[k]
+        return len(doomed)
+
+    def maps_intact(self) -> bool:
+        return all((self.pin_dir / name).exists() for name in maps.MAP_SPECS)
+
+    def repin(self) -> list[str]:
+        """Pin again the maps whose pin someone removed (the programs still use them; a
+        restarted daemon must find these, not create new ones)."""
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        (self.pin_dir / LINKS_DIR).mkdir(exist_ok=True)
+        repinned = []
+        for name, table in self._tables.items():
+            path = self.pin_dir / name
+            if not path.exists():
+                bpfsys.obj_pin(table.map_fd, str(path))
+                repinned.append(name)
+        return repinned
+
+    # --- teardown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop this process's handles; attached programs and pinned maps stay."""
+        for table in self._tables.values():
+            if isinstance(table, bpfsys.PinnedMap):
+                table.close()
+        self._tables.clear()
+        if self._bpf is not None:
+            with contextlib.suppress(Exception):
+                self._bpf.cleanup()
+            self._bpf = None
+
+    def unpin(self) -> None:
+        """Remove the pinned maps (and the links directory): the maps die with their last
+        user."""
+        if self.pin_dir.is_dir():
+            for path in sorted(self.pin_dir.iterdir()):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.pin_dir.rmdir()
+        # remove /sys/fs/bpf/lbd when this was its last instance
+        parent = self.pin_dir.parent
+        if parent.name == "lbd":
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _link_cgroup_id(fd: int) -> int:
+    """The cgroup id (inode number) a cgroup link is attached to; 0 once detached."""
+    return bpfsys.link_info(fd).cgroup_id
+
+
+def _ensure_clsact(ip: Any, idx: int) -> None:
+    try:
+        ip.tc("add", "clsact", idx)
+    except Exception as e:  # pyroute2 raises NetlinkError(EEXIST) when it exists
+        if getattr(e, "code", None) != errno.EEXIST:
+            raise
+
+
+def _replace_filter(ip: Any, idx: int, parent: str, fn: Any) -> None:
+    ip.tc(
+        "replace-filter",
+        "bpf",
+        idx,
+        f":{TC_HANDLE}",
+        fd=fn.fd,
+        name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+        parent=parent,
+        classid=1,
+        direct_action=True,
+        prio=TC_PRIO,
+    )
+
+
+def _all_filters(ip: Any, idx: int, parent: str) -> list[Any]:
+    try:
+        return [m for m in ip.get_filters(index=idx, parent=parent) if m.get_attr("TCA_KIND")]
+    except Exception:  # noqa: BLE001 - no clsact: no filters
+        return []
+
+
+def _our_filters(ip: Any, idx: int, parent: str) -> list[Any]:
+    out = []
+    for m in _all_filters(ip, idx, parent):
+        prio = (m["info"] >> 16) & 0xFFFF
+        opts = m.get_attr("TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if prio == TC_PRIO and m.get_attr("TCA_KIND") == "bpf" and str(name).startswith("lbd_"):
+            out.append(m)
+    return out

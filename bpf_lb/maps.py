@@ -1,0 +1,509 @@
+"""Python mirrors of the eBPF maps in bpf_lb/lb.h: ctypes layouts and plain records.
+
+Owns two views of every map entry: the ctypes `Structure`s that must match the C structs
+byte for byte (tests/unit/test_ebpf_plan.py compiles lb.h with BCC and compares sizes and
+field offsets), and small frozen records (`Frontend`, `ServiceValue`, `Backend`, ...) that
+the pure planner works with. `encode_*`/`decode_*` convert between them; nothing here
+touches the kernel.
+
+Addresses are 16 bytes in both families (IPv4 in the first 4, network order) with a
+family byte beside them, so one map serves both families.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import functools
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+SOURCE_DIR = Path(__file__).resolve().parent
+C_SOURCES = ("lb.h", "sock.c", "tc.c")
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+
+SCOPE_EXT = 0
+SCOPE_INT = 1
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_SCTP = 132
+PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_SCTP: "SCTP"}
+PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()}
+
+# lb_svc_val.flags (slot 0)
+SVC_EXTERNAL = 1 << 0
+SVC_LOCAL = 1 << 1
+SVC_AFFINITY = 1 << 2
+SVC_REJECT = 1 << 3
+SVC_TWO_SCOPES = 1 << 4
+SVC_SRC_RANGE = 1 << 5
+SVC_NODEPORT = 1 << 6
+SVC_LOADBALANCER = 1 << 7
+SVC_EXTERNAL_IP = 1 << 8
+
+BACKEND_LOCAL = 1 << 0
+
+CT_SNAT = 1 << 0
+CT_CLOSING = 1 << 1
+CT_SEEN_REPLY = 1 << 2
+CT_FORWARD = 0
+CT_REPLY = 1
+
+CFG_MAGLEV = 1 << 0
+CFG_HOSTNS_ONLY = 1 << 1
+
+# Longest "namespace/name:port/proto/vN#view" kept in lbd_svcnames (for status and for
+# re-adopting svc ids after a restart); Kubernetes names fit with room to spare.
+SVC_NAME_LEN = 256
+
+Addr = ct.c_uint32 * 4
+
+
+# --- ctypes mirrors of lb.h ------------------------------------------------------------------
+
+
+class SvcKey(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("dport", ct.c_uint16),
+        ("slot", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("scope", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class SvcVal(ct.Structure):
+    _fields_ = [
+        ("backend_id", ct.c_uint32),
+        ("svc_id", ct.c_uint32),
+        ("rev_nat_id", ct.c_uint32),
+        ("affinity_timeout", ct.c_uint32),
+        ("count", ct.c_uint16),
+        ("flags", ct.c_uint16),
+    ]
+
+
+class BackendVal(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("port", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("flags", ct.c_uint8),
+    ]
+
+
+class RevNatVal(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("port", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+def maglev_val_type(table_size: int) -> type[ct.Structure]:
+    """lb_maglev_val for a table of `table_size` slots (LBD_MAGLEV_M at compile time)."""
+    return type(
+        f"MaglevVal{table_size}",
+        (ct.Structure,),
+        {"_fields_": [("backend_ids", ct.c_uint32 * table_size)]},
+    )
+
+
+class AffinityKey(ct.Structure):
+    _fields_ = [
+        ("client", Addr),
+        ("svc_id", ct.c_uint32),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+    ]
+
+
+class AffinityVal(ct.Structure):
+    _fields_ = [
+        ("last_used_ns", ct.c_uint64),
+        ("backend_id", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class AffMatchKey(ct.Structure):
+    _fields_ = [("backend_id", ct.c_uint32), ("svc_id", ct.c_uint32)]
+
+
+class CtKey(ct.Structure):
+    _fields_ = [
+        ("saddr", Addr),
+        ("daddr", Addr),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("dir", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class CtVal(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("addr2", Addr),
+        ("port", ct.c_uint16),
+        ("port2", ct.c_uint16),
+        ("rev_nat_id", ct.c_uint32),
+        ("backend_id", ct.c_uint32),
+        ("flags", ct.c_uint16),
+        ("pad", ct.c_uint16),
+        ("last_seen_ns", ct.c_uint64),
+    ]
+
+
+class SrcRangeKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("rev_nat_id", ct.c_uint32), ("addr", Addr)]
+
+
+class SockRevKey(ct.Structure):
+    _fields_ = [
+        ("cookie", ct.c_uint64),
+        ("addr", Addr),
+        ("port", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8 * 5),
+    ]
+
+
+class SockRevVal(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("port", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8),
+        ("rev_nat_id", ct.c_uint32),
+    ]
+
+
+class ConfigVal(ct.Structure):
+    _fields_ = [
+        ("node_addr4", Addr),
+        ("node_addr6", Addr),
+        ("host_netns_cookie", ct.c_uint64),
+        ("flags", ct.c_uint32),
+        ("snat_port_min", ct.c_uint16),
+        ("snat_port_max", ct.c_uint16),
+    ]
+
+
+class SvcNameVal(ct.Structure):
+    _fields_ = [("name", ct.c_char * SVC_NAME_LEN)]
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """One map of lb.h: its C name (also its pin file name) and layout."""
+
+    name: str
+    kind: str  # BCC's table type string
+    key: type[ct._SimpleCData] | type[ct.Structure]
+    value: type[ct._SimpleCData] | type[ct.Structure] | None  # None: depends on the M
+    size_macro: str | None  # the -D that sets max_entries (None: fixed)
+
+
+MAP_SPECS: dict[str, MapSpec] = {
+    s.name: s
+    for s in (
+        MapSpec("lbd_services", "hash", SvcKey, SvcVal, "LBD_SERVICES_MAX"),
+        MapSpec("lbd_backends", "hash", ct.c_uint32, BackendVal, "LBD_BACKENDS_MAX"),
+        MapSpec("lbd_revnat", "hash", ct.c_uint32, RevNatVal, "LBD_REV_NAT_MAX"),
+        MapSpec("lbd_maglev", "hash", ct.c_uint32, None, "LBD_MAGLEV_MAX"),
+        MapSpec("lbd_affinity", "lru_hash", AffinityKey, AffinityVal, "LBD_AFFINITY_MAX"),
+        MapSpec("lbd_aff_match", "hash", AffMatchKey, ct.c_uint8, "LBD_BACKENDS_MAX"),
+        MapSpec("lbd_ct", "lru_hash", CtKey, CtVal, "LBD_CT_MAX"),
+        MapSpec("lbd_srcrange", "lpm_trie", SrcRangeKey, ct.c_uint8, "LBD_SRC_RANGE_MAX"),
+        MapSpec("lbd_sockrev", "lru_hash", SockRevKey, SockRevVal, "LBD_SOCK_REV_MAX"),
+        MapSpec("lbd_config", "array", ct.c_uint32, ConfigVal, None),
+        MapSpec("lbd_svcnames", "hash", ct.c_uint32, SvcNameVal, "LBD_SERVICES_MAX"),
+    )
+}
+
+
+# --- addresses and ports ----------------------------------------------------------------------
+
+
+def family_of(ip: str) -> int:
+    return FAMILY_V6 if ":" in ip else FAMILY_V4
+
+
+def addr_bytes(ip: str) -> bytes:
+    """16 bytes: an IPv4 address in the first 4 (network order), zero padded."""
+    packed = ipaddress.ip_address(ip).packed
+    return packed + bytes(16 - len(packed))
+
+
+def encode_addr(ip: str) -> ct.Array:
+    return Addr.from_buffer_copy(addr_bytes(ip))
+
+
+def decode_addr(addr: ct.Array, family: int) -> str:
+    return _addr_text(bytes(addr), family)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _addr_text(raw: bytes, family: int) -> str:
+    # ipaddress's text (the planner's canonical form), cached: reading 10k services back
+    # decodes the same few thousand addresses over and over
+    if family == FAMILY_V4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def htons(port: int) -> int:
+    """A port as the C side stores it (__be16) read back as a native u16."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+ntohs = htons
+
+
+def canonical_ip(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+# --- records the planner works with -----------------------------------------------------------
+# NamedTuples rather than dataclasses: the planner hashes and compares hundreds of
+# thousands of them per sync, and tuples do both in C.
+
+
+class Frontend(NamedTuple):
+    """A service map key without its slot: what a client addresses, and for whom."""
+
+    addr: str  # canonical text
+    port: int
+    proto: int  # IPPROTO_*
+    family: int
+    scope: int = SCOPE_EXT
+
+    def __str__(self) -> str:
+        host = f"[{self.addr}]" if self.family == FAMILY_V6 else self.addr
+        return f"{host}:{self.port}/{PROTO_NAMES.get(self.proto, self.proto)}"
+
+
+class ServiceValue(NamedTuple):
+    """lb_svc_val: slot 0 uses everything but backend_id, slots 1..n only backend_id."""
+
+    backend_id: int = 0
+    svc_id: int = 0
+    rev_nat_id: int = 0
+    affinity_timeout: int = 0
+    count: int = 0
+    flags: int = 0
+
+
+class Backend(NamedTuple):
+    addr: str
+    port: int
+    family: int
+    flags: int = 0
+
+    def __str__(self) -> str:
+        host = f"[{self.addr}]" if self.family == FAMILY_V6 else self.addr
+        return f"{host}:{self.port}"
+
+
+class RevNat(NamedTuple):
+    addr: str
+    port: int
+    family: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node_addr4: str = ""
+    node_addr6: str = ""
+    host_netns_cookie: int = 0
+    flags: int = 0
+    snat_port_min: int = 0
+    snat_port_max: int = 0
+
+
+class SourceRange(NamedTuple):
+    """One allowed CIDR of one frontend (lbd_srcrange), by the frontend's rev-NAT id."""
+
+    rev_nat_id: int
+    cidr: str  # canonical network text
+
+
+# --- encode / decode -------------------------------------------------------------------------
+
+
+def encode_svc_key(fe: Frontend, slot: int) -> SvcKey:
+    return SvcKey(encode_addr(fe.addr), htons(fe.port), slot, fe.proto, fe.family, fe.scope, 0)
+
+
+def decode_svc_key(k: SvcKey) -> tuple[Frontend, int]:
+    fe = Frontend(decode_addr(k.addr, k.family), ntohs(k.dport), k.proto, k.family, k.scope)
+    return fe, k.slot
+
+
+def encode_svc_val(v: ServiceValue) -> SvcVal:
+    return SvcVal(v.backend_id, v.svc_id, v.rev_nat_id, v.affinity_timeout, v.count, v.flags)
+
+
+def decode_svc_val(v: SvcVal) -> ServiceValue:
+    return ServiceValue(v.backend_id, v.svc_id, v.rev_nat_id, v.affinity_timeout, v.count, v.flags)
+
+
+def encode_backend(b: Backend) -> BackendVal:
+    return BackendVal(encode_addr(b.addr), htons(b.port), b.family, b.flags)
+
+
+def decode_backend(v: BackendVal) -> Backend:
+    return Backend(decode_addr(v.addr, v.family), ntohs(v.port), v.family, v.flags)
+
+
+def encode_rev_nat(r: RevNat) -> RevNatVal:
+    return RevNatVal(encode_addr(r.addr), htons(r.port), r.family, 0)
+
+
+def decode_rev_nat(v: RevNatVal) -> RevNat:
+    return RevNat(decode_addr(v.addr, v.family), ntohs(v.port), v.family)
+
+
+def encode_config(c: Config) -> ConfigVal:
+    return ConfigVal(
+        encode_addr(c.node_addr4) if c.node_addr4 else Addr(),
+        encode_addr(c.node_addr6) if c.node_addr6 else Addr(),
+        c.host_netns_cookie,
+        c.flags,
+        c.snat_port_min,
+        c.snat_port_max,
+    )
+
+
+def decode_config(v: ConfigVal) -> Config:
+    a4 = decode_addr(v.node_addr4, FAMILY_V4) if any(v.node_addr4) else ""
+    a6 = decode_addr(v.node_addr6, FAMILY_V6) if any(v.node_addr6) else ""
+    return Config(a4, a6, v.host_netns_cookie, v.flags, v.snat_port_min, v.snat_port_max)
+
+
+def encode_src_range(r: SourceRange) -> SrcRangeKey:
+    net = ipaddress.ip_network(r.cidr, strict=False)
+    return SrcRangeKey(32 + net.prefixlen, r.rev_nat_id, encode_addr(str(net.network_address)))
+
+
+def decode_src_range(k: SrcRangeKey) -> SourceRange:
+    # The family is not in the key: a frontend has one, and an IPv4 CIDR leaves the other
+    # 12 bytes zero; the longest IPv4 prefix is 32 bits.
+    bits = k.prefixlen - 32
+    raw = bytes(k.addr)
+    if bits <= 32 and not any(raw[4:]):
+        net: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.IPv4Network(
+            (raw[:4], bits), strict=False
+        )
+    else:
+        net = ipaddress.IPv6Network((raw, bits), strict=False)
+    return SourceRange(k.rev_nat_id, str(net))
+
+
+def encode_svc_name(name: str) -> SvcNameVal:
+    raw = name.encode()[: SVC_NAME_LEN - 1]
+    return SvcNameVal(raw)
+
+
+def decode_svc_name(v: SvcNameVal) -> str:
+    return v.name.decode(errors="replace")
+
+
+def encode_maglev(table: tuple[int, ...] | list[int], table_size: int) -> ct.Structure:
+    val = maglev_val_type(table_size)()
+    if len(table) != table_size:
+        raise ValueError(f"a Maglev table has {table_size} slots, not {len(table)}")
+    val.backend_ids[:] = table
+    return val
+
+
+def decode_maglev_ids(v: ct.Structure) -> frozenset[int]:
+    """The set of backend ids a table holds (what the planner compares)."""
+    return frozenset(v.backend_ids)
+
+
+class CtTuple(NamedTuple):
+    """An lbd_ct key: a flow's tuple as a packet carries it, and which direction it is."""
+
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    proto: int
+    family: int
+    dir: int  # CT_FORWARD | CT_REPLY
+
+
+class CtEntry(NamedTuple):
+    """An lbd_ct value (see lb_ct_val for what addr/addr2 mean per direction)."""
+
+    addr: str
+    addr2: str  # "" when unused (a forward entry without SNAT)
+    port: int
+    port2: int
+    rev_nat_id: int
+    backend_id: int
+    flags: int
+    last_seen_ns: int
+
+
+def encode_ct_key(t: CtTuple) -> CtKey:
+    return CtKey(
+        encode_addr(t.saddr),
+        encode_addr(t.daddr),
+        htons(t.sport),
+        htons(t.dport),
+        t.proto,
+        t.family,
+        t.dir,
+        0,
+    )
+
+
+def decode_ct_key(k: CtKey) -> CtTuple:
+    return CtTuple(
+        decode_addr(k.saddr, k.family),
+        decode_addr(k.daddr, k.family),
+        ntohs(k.sport),
+        ntohs(k.dport),
+        k.proto,
+        k.family,
+        k.dir,
+    )
+
+
+def decode_ct_val(v: CtVal, family: int) -> CtEntry:
+    return CtEntry(
+        decode_addr(v.addr, family),
+        decode_addr(v.addr2, family) if any(v.addr2) else "",
+        ntohs(v.port),
+        ntohs(v.port2),
+        v.rev_nat_id,
+        v.backend_id,
+        v.flags,
+        v.last_seen_ns,
+    )
+
+
+def encode_ct_val(e: CtEntry) -> CtVal:
+    return CtVal(
+        encode_addr(e.addr),
+        encode_addr(e.addr2) if e.addr2 else Addr(),
+        htons(e.port),
+        htons(e.port2),
+        e.rev_nat_id,
+        e.backend_id,
+        e.flags,
+        0,
+        e.last_seen_ns,
+    )

@@ -1,0 +1,134 @@
+"""The maps as the kernel sees them: C layouts vs the ctypes mirrors, pinning, re-adoption.
+
+Compiles bpf_lb/ with BCC into a private bpffs directory (nothing is attached anywhere)
+and compares every key/value struct BCC derived from lb.h with bpf_lb.maps' mirror,
+field by field; then checks that a second load re-opens the pinned maps (content kept)
+and that a pin whose layout changed (another Maglev table size) is recreated.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backends.base import HostUnsupported
+from backends.ebpf import check_host
+from backends.ebpf.loader import Datapath, MapSizes
+from backends.ebpf.plan import BACKENDS, Op
+from bpf_lb import bpfsys, maps
+
+try:
+    check_host()
+    _UNSUPPORTED = ""
+except HostUnsupported as e:
+    _UNSUPPORTED = str(e)
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(bool(_UNSUPPORTED), reason=_UNSUPPORTED or "ebpf supported"),
+]
+
+SMALL = MapSizes(
+    services=1024,
+    backends=1024,
+    rev_nat=1024,
+    maglev=16,
+    affinity=1024,
+    conntrack=1024,
+    source_ranges=128,
+    sock_rev=1024,
+)
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    path = Path(f"/sys/fs/bpf/lbd/lbdt-maps-{secrets.token_hex(3)}")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.parent.exists() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+
+
+def _layout(t: type) -> tuple[int, list[tuple[str, int, int]]]:
+    if not issubclass(t, ct.Structure):
+        return ct.sizeof(t), []
+    fields = []
+    for name, *_ in t._fields_:
+        desc = getattr(t, name)
+        fields.append((name, desc.offset, desc.size))
+    return ct.sizeof(t), fields
+
+
+def test_ctypes_mirrors_match_the_c_structs(pin_dir: Path) -> None:
+    dp = Datapath(pin_dir, maglev_table_size=251, sizes=SMALL)
+    dp.load()
+    try:
+        for spec in maps.MAP_SPECS.values():
+            native = dp._bpf.get_table(spec.name.encode())  # BCC's own reading of lb.h
+            mirror_value = spec.value or maps.maglev_val_type(251)
+            for what, theirs, mine in (
+                ("key", native.Key, spec.key),
+                ("value", native.Leaf, mirror_value),
+            ):
+                size, fields = _layout(theirs)
+                my_size, my_fields = _layout(mine)
+                assert size == my_size, (spec.name, what, size, my_size)
+                # BCC names padding it invents "__pad_*": there must be none
+                assert not [f for f in fields if f[0].startswith("__pad")], (spec.name, what)
+                if fields:
+                    assert fields == my_fields, (spec.name, what)
+            # and the kernel agrees on the sizes
+            fd = bpfsys.obj_get(str(pin_dir / spec.name))
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+            assert info.key_size == ct.sizeof(spec.key), spec.name
+            assert info.value_size == ct.sizeof(mirror_value), spec.name
+            assert info.name == spec.name[:15]
+    finally:
+        dp.close()
+
+
+def test_pinned_maps_are_readopted_and_incompatible_ones_recreated(pin_dir: Path) -> None:
+    first = Datapath(pin_dir, maglev_table_size=251, sizes=SMALL)
+    first.load()
+    first.apply(Op(BACKENDS, 7, maps.Backend("10.244.1.11", 8080, 4)))
+    first.apply(Op("lbd_maglev", 1, tuple([7] * 251)))
+    first.close()
+    assert sorted(p.name for p in pin_dir.iterdir() if p.is_file()) == sorted(maps.MAP_SPECS)
+
+    second = Datapath(pin_dir, maglev_table_size=251, sizes=SMALL)
+    second.load()
+    view = second.read_view()
+    assert view.backends == {7: maps.Backend("10.244.1.11", 8080, 4)}
+    assert view.maglev == {1: frozenset({7})}
+    second.close()
+
+    # a new Maglev size changes the maglev map's value size: that map alone starts over
+    third = Datapath(pin_dir, maglev_table_size=1021, sizes=SMALL)
+    third.load()
+    view = third.read_view()
+    assert view.backends == {7: maps.Backend("10.244.1.11", 8080, 4)}
+    assert view.maglev == {}
+    third.close()
+
+    # bpftool, an independent reader, sees the pinned backend with its BTF field names
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "lbd_backends")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert '"port":' in out.stdout and '"family":4' in out.stdout.replace(" ", "")
+    Datapath(pin_dir).unpin()
+    assert not pin_dir.exists()
