@@ -12,8 +12,8 @@ test: setup
 	./scripts/test
 
 lint:
-	venv/bin/ruff check lbd backends bpf_lb benchmarks tests
-	venv/bin/ruff format --check lbd backends bpf_lb benchmarks tests
+	venv/bin/ruff check lbd backends bpf_lb benchmarks tests manifests
+	venv/bin/ruff format --check lbd backends bpf_lb benchmarks tests manifests
 
 bench: setup
 	venv/bin/python -m benchmarks
