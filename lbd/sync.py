@@ -57,6 +57,7 @@ class SyncRunner:
         self._min_sync_period = min_sync_period
         self._sync_period = sync_period
         self._canary_interval = canary_interval
+        self._check_every = canary_interval
         self._max_backoff = max_backoff
         self._on_synced = on_synced
         self._wake = asyncio.Event()
@@ -131,14 +132,19 @@ class SyncRunner:
             due_full = last_full + self._sync_period
             if self._pending or self._force_full or now >= due_full:
                 return
-            if now >= last_canary + self._canary_interval:
+            if now >= last_canary + self._check_every:
                 last_canary = now
-                if await loop.run_in_executor(None, self._backend.needs_full_sync):
+                missing = await loop.run_in_executor(None, self._backend.needs_full_sync)
+                # Reading the kernel back can be costly (iptables-legacy copies the whole
+                # table: seconds at 10k services): never spend more than ~10% of the
+                # time checking.
+                self._check_every = max(self._canary_interval, 10 * (time.monotonic() - now))
+                if missing:
                     log.warning("datapath.missing", mode=self._backend.mode, action="resync")
                     metrics.RULES_RESTORED.labels(self._backend.mode).inc()
                     self._force_full = True
                     continue
-            timeout = min(due_full, last_canary + self._canary_interval) - now
+            timeout = min(due_full, last_canary + self._check_every) - now
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.0))
             except TimeoutError:
