@@ -80,7 +80,10 @@
 #define LBD_CT_SNAT      (1 << 0) /* the source was rewritten to the node (masquerade) */
 #define LBD_CT_CLOSING   (1 << 1) /* a FIN or RST was seen: expire soon */
 #define LBD_CT_SEEN_REPLY (1 << 2)
-#define LBD_CT_FIB       (1 << 3) /* forward with a FIB lookup + redirect (SNATed flows) */
+/* The frontend is a node address and the flow is not SNATed: replies translated back
+ * before routing (on a pod's veth) need a FIB lookup + redirect, as the stack does not
+ * forward packets from its own addresses. */
+#define LBD_CT_FIB       (1 << 3)
 
 /* lb_ct_key.dir */
 #define LBD_CT_FORWARD 0 /* client -> frontend, as it arrives */

@@ -295,8 +295,12 @@ static __always_inline void lbd_ct_touch(struct lb_ct_val *v, struct lbd_pkt *p,
 }
 
 /* A reply of a translated flow: restore the frontend as source (and the client as
- * destination when the flow was SNATed). Returns -1 when `p` is not such a reply. */
-static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, __u64 now)
+ * destination when the flow was SNATed). Returns -1 when `p` is not such a reply.
+ * `ingress`: the packet has yet to be routed (it entered a device), so a reply whose
+ * restored source is one of the node's addresses (LBD_CT_FIB) must be redirected here;
+ * on the uplink's egress it is already on its way out. */
+static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, __u64 now,
+				     int ingress)
 {
 	struct lb_ct_key k = {};
 	struct lb_ct_val *v;
@@ -325,8 +329,14 @@ static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, _
 	}
 	if (lbd_set_addr(skb, p, 1, faddr) || lbd_set_port(skb, p, 1, fport))
 		return TC_ACT_SHOT;
-	if (!(flags & LBD_CT_SNAT))
+	if (!(flags & LBD_CT_SNAT)) {
+		/* A local backend's reply to a node-port client, seen on the pod's veth: with
+		 * the node's address as source the stack would drop it as a martian rather
+		 * than forward it, so it goes straight to its next hop. */
+		if (ingress && (flags & LBD_CT_FIB))
+			return lbd_fib_redirect(skb, p);
 		return TC_ACT_OK;
+	}
 	if (lbd_set_addr(skb, p, 0, caddr) || lbd_set_port(skb, p, 0, cport))
 		return TC_ACT_SHOT;
 	return lbd_fib_redirect(skb, p);
@@ -676,6 +686,10 @@ static __always_inline int lbd_balance(struct __sk_buff *skb, struct lbd_pkt *p,
 			}
 		}
 	}
+	/* The frontend is one of the node's own addresses: its replies, once translated
+	 * back, cannot be forwarded by the stack (see lbd_reply). */
+	if ((flags & LBD_SVC_NODEPORT) && !(fwd.flags & LBD_CT_SNAT))
+		fwd.flags |= LBD_CT_FIB;
 	if (lbd_ct_create(p, &fwd, cfg))
 		return TC_ACT_SHOT;
 	lbd_copy_addr(saddr, fwd.addr2);
@@ -691,7 +705,7 @@ static __always_inline int lbd_ingress(struct __sk_buff *skb, int internal)
 	if (lbd_parse(skb, &p))
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
-	ret = lbd_reply(skb, &p, now);
+	ret = lbd_reply(skb, &p, now, 1);
 	if (ret >= 0)
 		return ret;
 	ret = lbd_forward(skb, &p, now);
@@ -717,6 +731,6 @@ int lbd_tc_egress(struct __sk_buff *skb)
 
 	if (lbd_parse(skb, &p))
 		return TC_ACT_OK;
-	ret = lbd_reply(skb, &p, bpf_ktime_get_ns());
+	ret = lbd_reply(skb, &p, bpf_ktime_get_ns(), 0);
 	return ret >= 0 ? ret : TC_ACT_OK;
 }

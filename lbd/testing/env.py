@@ -291,7 +291,18 @@ class LbdEnv:
         if self.mode != "ebpf":
             return []
         o = self.ebpf_options(node)
-        return ["--cgroup-root", o["cgroup"], "--bpffs-root", o["bpffs"]]
+        # The tc filters are part of the datapath too: cleanup only touches the devices
+        # it is told about (it never guesses which interfaces lbd may have used).
+        return [
+            "--cgroup-root",
+            o["cgroup"],
+            "--bpffs-root",
+            o["bpffs"],
+            "--devices",
+            ",".join(o["devices"]),
+            "--pod-devices",
+            ",".join(o["pod_devices"]),
+        ]
 
     def _ebpf_backend(self, node: str) -> Any:
         from backends.ebpf import from_config
