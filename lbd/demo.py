@@ -17,7 +17,6 @@ from typing import Any
 
 from lbd.testing.env import LbdEnv, eventually
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
-from lbd.testing.traffic import spread
 
 WEB = [PortSpec(80, 8080, "TCP", "http"), PortSpec(53, 8080, "UDP", "dns")]
 
@@ -80,8 +79,8 @@ def probes(env: LbdEnv) -> list[Probe]:
     return out
 
 
-def answered(ns: str, p: Probe) -> None:
-    result = spread(ns, p.target, p.port, p.proto, 1)
+def answered(env: LbdEnv, p: Probe) -> None:
+    result = env.spread_from(p.client, p.target, p.port, p.proto, 1)
     assert result.ok, result.failures
 
 
@@ -92,10 +91,9 @@ def run_demo(mode: str, requests: int) -> list[dict[str, Any]]:
             env.apply(obj)
         env.wait_synced()
         for p in probes(env):
-            ns = env.cluster.netns_of(p.client)
             # The first answer proves the path is programmed; then measure the spread.
-            eventually(lambda p=p, ns=ns: answered(ns, p), timeout=10)
-            result = spread(ns, p.target, p.port, p.proto, requests)
+            eventually(lambda p=p: answered(env, p), timeout=10)
+            result = env.spread_from(p.client, p.target, p.port, p.proto, requests)
             rows.append(
                 {
                     "service": p.service,
@@ -112,7 +110,8 @@ LEGEND = """
 How to read it: a pod calling a ClusterIP keeps its own source address, except when the
 service sends it to itself (hairpin), which is masqueraded to its node's address. External
 traffic with externalTrafficPolicy Cluster (NodePort, externalIP) may go to a pod on another
-node and is masqueraded to the node it entered; the LoadBalancer service uses
+node and is masqueraded to the node it entered (the ebpf mode, like Cilium, leaves the
+client's address on pods of the entry node itself); the LoadBalancer service uses
 externalTrafficPolicy Local, so only node-1's pods answer and they see the real client
 (192.168.200.100)."""
 
