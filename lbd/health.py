@@ -25,6 +25,18 @@ def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+async def _hide_server_version(_: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would announce "Python/x.y aiohttp/x.y.z" on every response, also on the
+    # health-check node ports anyone can reach; kube-proxy announces nothing.
+    response.headers["Server"] = "lbd"
+
+
+def _application() -> web.Application:
+    app = web.Application()
+    app.on_response_prepare.append(_hide_server_version)
+    return app
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -56,7 +68,7 @@ def healthz_app(status: SyncStatus, health_timeout: float) -> web.Application:
         }
         return web.json_response(body, status=200 if healthy else 503)
 
-    app = web.Application()
+    app = _application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/livez", healthz)
     return app
@@ -76,7 +88,7 @@ def metrics_app(mode: str, status: SyncStatus | None = None) -> web.Application:
             return web.json_response({"error": "not synced yet"}, status=503)
         return web.json_response(state_to_json(synced))
 
-    app = web.Application()
+    app = _application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/proxyMode", proxy_mode)
     app.router.add_get("/state", state)
@@ -119,7 +131,7 @@ class HealthCheckServers:
                 },
             )
 
-        app = web.Application()
+        app = _application()
         app.router.add_get("/{tail:.*}", handle)
         return app
 
