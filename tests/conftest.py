@@ -38,3 +38,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _sweep_leftover_namespaces() -> None:
     if can_use_netns():
         netns.sweep(netns.DEFAULT_PREFIX)
+
+
+# Declared here, not in tests/reliability, so `pytest -m reliability --soak` works from
+# the repository root.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("reliability")
+    group.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the churn soak for minutes instead of the CI-sized one (tests/reliability)",
+    )
+    group.addoption(
+        "--soak-seconds",
+        type=float,
+        default=None,
+        help="run the churn soak for this many seconds (overrides --soak)",
+    )

@@ -25,23 +25,6 @@ LONG_SOAK_SECONDS = 600.0
 SOAK_OVERHEAD_SECONDS = 240.0
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("reliability")
-    group.addoption(
-        "--soak",
-        action="store_true",
-        default=False,
-        help=f"run the churn soak for {LONG_SOAK_SECONDS:.0f} s instead of the CI-sized "
-        f"{CI_SOAK_SECONDS:.0f} s",
-    )
-    group.addoption(
-        "--soak-seconds",
-        type=float,
-        default=None,
-        help="run the churn soak for this many seconds (overrides --soak)",
-    )
-
-
 def pytest_configure(config: pytest.Config) -> None:
     # `reliability` and `kernel` are declared in pyproject.toml too; declaring them here
     # keeps `--strict-markers` happy when this folder is run from another rootdir.
