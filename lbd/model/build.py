@@ -7,8 +7,10 @@ reported back (with a reason) for logging and metrics; they never affect other s
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,12 +107,37 @@ def parse_node(obj: dict[str, Any] | None, name: str) -> NodeInfo:
     return NodeInfo(name, tuple(dict.fromkeys(ips)), zone if isinstance(zone, str) else "")
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: a 10k-service build allocates ~10^6 acyclic objects, and the
+    collections they trigger (each scanning everything alive) doubled the build's CPU.
+    Refcounting still frees all garbage; nothing here makes cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def build_state(
     services: Iterable[dict[str, Any]],
     slices: Iterable[dict[str, Any]],
     node: NodeInfo,
     config: ModelConfig,
     cache: ParseCache | None = None,
+) -> tuple[ProxyState, list[Rejection]]:
+    with _gc_paused():
+        return _build_state(services, slices, node, config, cache)
+
+
+def _build_state(
+    services: Iterable[dict[str, Any]],
+    slices: Iterable[dict[str, Any]],
+    node: NodeInfo,
+    config: ModelConfig,
+    cache: ParseCache | None,
 ) -> tuple[ProxyState, list[Rejection]]:
     cache = cache if cache is not None else ParseCache()
     fresh: dict[tuple[str, str, str], Any] = {}
