@@ -1,0 +1,214 @@
+"""`python -m benchmarks`: run the benchmarks and write results.json, results.md and plots.
+
+Owns the command line, the order of the runs and the clean-up guarantees: every
+netfilter program runs in a scratch namespace deleted afterwards (also on Ctrl-C or
+SIGTERM), and the API server subprocess is always stopped. Today this is the
+control-plane part (benchmarks.control_plane); a data-plane part will slot in beside it.
+
+Needs root (network namespaces): ``sudo venv/bin/python -m benchmarks --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from backends.base import HostUnsupported
+from benchmarks import control_plane, report
+from benchmarks.machine import load_average, machine_info
+from benchmarks.namespaces import install_signal_handlers, scratch_netns, sweep_orphans
+from benchmarks.workload import Workload
+from lbd import log as lbd_log
+
+DEFAULT_SERVICES = (100, 1000, 10000)
+QUICK_SERVICES = (100, 1000)
+DEFAULT_CHANGES = 100
+QUICK_CHANGES = 20
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(v.replace("_", "")) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError("sizes must be positive")
+    return values
+
+
+def _mode_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Control-plane benchmarks of lbd's proxy modes (needs root).",
+    )
+    parser.add_argument("--modes", type=_mode_list, default=["iptables"], help="e.g. iptables,ebpf")
+    parser.add_argument(
+        "--services",
+        type=_int_list,
+        default=None,
+        help="cluster sizes, comma-separated (default 100,1000,10000; --quick: 100,1000)",
+    )
+    parser.add_argument("--endpoints-per-service", type=int, default=10)
+    parser.add_argument(
+        "--changes",
+        type=int,
+        default=None,
+        help="single-service changes timed per size (default 100; --quick: 20)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="state builds and full syncs per size (median)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CI-sized run")
+    parser.add_argument(
+        "--iptables-variant",
+        choices=("legacy", "nft", "auto"),
+        default=None,
+        help="only this variant at every size (default: legacy everywhere, nft up to "
+        f"{control_plane.NFT_DEFAULT_MAX_SERVICES} services, with --quick up to "
+        f"{control_plane.NFT_QUICK_MAX_SERVICES})",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/out/<time>")
+    args = parser.parse_args(argv)
+    if args.services is None:
+        args.services = list(QUICK_SERVICES if args.quick else DEFAULT_SERVICES)
+    if args.changes is None:
+        args.changes = QUICK_CHANGES if args.quick else DEFAULT_CHANGES
+    if args.changes < 0 or args.endpoints_per_service < 1 or args.repeats < 1:
+        parser.error("--changes must be >= 0, --endpoints-per-service and --repeats >= 1")
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = Path(__file__).resolve().parent / "out" / stamp
+    return args
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Every measurement, appended to `results` and saved after each cluster size."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    targets, skipped = control_plane.select_targets(
+        args.modes, args.iptables_variant, quick=args.quick
+    )
+    for s in skipped:
+        _log(f"skipping {s.target}: {s.reason}")
+    with scratch_netns() as ns:
+        machine = machine_info(ns)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "command": command,
+        "machine": machine,
+        "config": {
+            "modes": args.modes,
+            "services": args.services,
+            "endpoints_per_service": args.endpoints_per_service,
+            "changes": args.changes,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "iptables_variant": args.iptables_variant,
+            "targets": [
+                {
+                    "target": t.label,
+                    "mode": t.mode,
+                    "variant": t.variant,
+                    "max_services": t.max_services,
+                }
+                for t in targets
+            ],
+        },
+        "skipped": [{"target": s.target, "reason": s.reason} for s in skipped],
+        "not_run": [],
+        "build": [],
+        "sync": [],
+    }
+    dropped: set[control_plane.Target] = set()
+    for services in args.services:
+        workload = Workload(services, args.endpoints_per_service)
+
+        def log(message: str, n: int = services) -> None:
+            _log(f"{n:>6} services: {message}")
+
+        build, snapshot = control_plane.measure_build(workload, args.repeats, log)
+        results["build"].append(
+            {"services": services, "endpoints_per_service": args.endpoints_per_service, **build}
+        )
+        for target in targets:
+            if target in dropped:
+                continue
+            if not target.runs_at(services):
+                reason = (
+                    f"not run above {target.max_services:,} services by default (slow); "
+                    "pass --iptables-variant to force"
+                )
+                log(f"{target.label}: {reason}")
+                results["not_run"].append(
+                    {"target": target.label, "services": services, "reason": reason}
+                )
+                continue
+            try:
+                measured = control_plane.measure_target(
+                    target,
+                    snapshot,
+                    workload,
+                    changes=args.changes,
+                    repeats=args.repeats,
+                    log=log,
+                    quick=args.quick,
+                )
+            except HostUnsupported as e:
+                # Found out only once a backend was built: skip the target from now on.
+                log(f"skipping {target.label}: {e}")
+                results["skipped"].append({"target": target.label, "reason": str(e)})
+                dropped.add(target)
+                continue
+            results["sync"].append(
+                {
+                    "services": services,
+                    "endpoints_per_service": args.endpoints_per_service,
+                    **measured,
+                }
+            )
+            report.write_json(results, out)
+        del snapshot
+        report.write_json(results, out)
+    results["machine"]["load_average_end"] = load_average()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("python -m benchmarks needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    # Only warnings from lbd's own loggers: the reflectors' info lines would bury ours.
+    lbd_log.configure("warning", json=False)
+    install_signal_handlers()
+    for name in sweep_orphans():
+        _log(f"removed namespace {name} left by a killed run")
+    command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        results = run(args, command)
+    except KeyboardInterrupt:
+        _log(f"interrupted; partial results (if any) are in {args.out}")
+        return 130
+    markdown = report.write_all(results, args.out)
+    _log(f"results in {args.out}")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
