@@ -70,6 +70,12 @@ def _add_ebpf_flags(p: argparse._ActionsContainer) -> None:
     )
     p.add_argument("--lb-algorithm", choices=("random", "maglev"), help="backend selection")
     p.add_argument("--maglev-table-size", type=int, help="Maglev table size (a prime)")
+    p.add_argument(
+        "--bpf-lb-map-max",
+        type=int,
+        help="entries of the service, backend and reverse-NAT maps (default 65536; "
+        "a service port takes 1 + its endpoints)",
+    )
     p.add_argument("--devices", help="uplink devices for tc LB (comma-separated)")
     p.add_argument(
         "--pod-devices", help="pod-facing devices or globs for tc LB (comma-separated, e.g. 'vp*')"
@@ -95,6 +101,9 @@ def ebpf_options(args: argparse.Namespace) -> dict[str, Any]:
         if key in ("devices", "pod_devices"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         out[key] = value
+    size = getattr(args, "bpf_lb_map_max", None)
+    if size is not None:
+        out["map_sizes"] = {"services": size, "backends": size, "rev_nat": size}
     return out
 
 
