@@ -230,6 +230,10 @@ def test_session_affinity_pins_a_client_and_expires(env, uid):
     assert len(first) == 1, first
     # another client is not pinned to the same pod necessarily, but is pinned too
     assert len(answers(env, "pod-2-2", vip(uid), 80, n=20)) == 1
+    if env.mode == "ipvs":
+        # IPVS keeps a persistence template while its connections sit in IPVS's own
+        # 2-minute TIME_WAIT, so pins outlive the timeout (kube-proxy's IPVS mode too).
+        return
     # after the timeout with no traffic, the client may land elsewhere: over several
     # expiries, more than one pod must be seen
     seen = set(first)

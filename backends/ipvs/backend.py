@@ -1,0 +1,254 @@
+"""IpvsBackend: the Backend protocol for the IPVS mode.
+
+Owns the sync policy: a full sync reads the whole kernel view back over netlink, a partial
+sync plans against what lbd last applied (refreshing only the draining real servers'
+connection counts); the plan's ops are applied in order, then the constant iptables rules
+(one iptables-restore per family, only when they changed or on a full sync), then UDP
+conntrack hygiene. Also: noticing that someone removed lbd's state, reading the kernel
+back for `lbd status`, and removing everything the mode created.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from backends.base import FrontendStatus, SyncResult
+from backends.conntrack import delete_stale_udp_flows, stale_udp_flows
+from backends.iptables.apply import VARIANTS, IptablesError, Tools, detect_variant
+from backends.iptables.render import Jump
+from backends.iptables.status import Table, parse_save, removal_payload
+from backends.ipvs import plan as p
+from backends.ipvs.apply import Kernel, KernelError
+from backends.ipvs.status import frontends
+from lbd.model.state import IPFamily, ProxyState
+
+log = structlog.get_logger("lbd.backends.ipvs")
+
+
+def _owned_chain(chain: str) -> bool:
+    return chain.startswith(p.CHAIN_PREFIX)
+
+
+def _missing_jumps(tables: dict[str, Table]) -> list[Jump]:
+    """The jumps from built-in chains that an `iptables-save` dump lacks."""
+    missing = []
+    for jump in p.JUMPS:
+        table = tables.get(jump.table)
+        lines = [rule.line for rule in table.rules_of(jump.chain)] if table else []
+        if not p.has_jump(lines, jump):
+            missing.append(jump)
+    return missing
+
+
+class IpvsBackend:
+    """kube-proxy's IPVS mode: virtual servers over netlink, ipsets, constant iptables rules."""
+
+    mode = "ipvs"
+
+    def __init__(
+        self,
+        *,
+        scheduler: str = "rr",
+        netns: str | None = None,
+        variant: str = "auto",
+        grace_period: float = p.DEFAULT_GRACE_PERIOD,
+    ) -> None:
+        """`scheduler`: the IPVS scheduler of every virtual server (rr, lc, sh, ...).
+        `netns`: program this named network namespace instead of the one lbd runs in.
+        `variant`: the iptables variant for the few iptables rules (auto | legacy | nft).
+        `grace_period`: seconds a removed TCP real server may keep its connections."""
+        if scheduler not in p.SCHEDULERS:
+            raise ValueError(
+                f"IPVS scheduler {scheduler!r} is unknown (choose one of "
+                f"{', '.join(sorted(p.SCHEDULERS))})"
+            )
+        if variant not in ("auto", *VARIANTS):
+            raise ValueError(f"variant must be auto, legacy or nft, not {variant!r}")
+        self.scheduler = scheduler
+        self.netns = netns
+        self.grace_period = grace_period
+        self._variant = None if variant == "auto" else variant
+        self._cache = p.PlanCache()
+        self._view: p.KernelView | None = None  # what the kernel holds after the last sync
+        self._draining: dict[tuple[p.VSKey, p.Dest], float] = {}
+        self._rules: dict[IPFamily, str] = {}  # iptables payload (without jumps) applied
+        self._owned_services = 0
+        self._conflicts: list[str] = []
+        self._synced_state: ProxyState | None = None
+
+    @property
+    def variant(self) -> str:
+        if self._variant is None:
+            self._variant = detect_variant(self.netns)
+            log.info("ipvs.iptables_variant_selected", variant=self._variant, netns=self.netns)
+        return self._variant
+
+    def _tools(self, family: IPFamily, variant: str | None = None) -> Tools:
+        return Tools(variant or self.variant, family, self.netns)
+
+    # --- sync -------------------------------------------------------------------------
+
+    def sync(self, state: ProxyState, full: bool) -> SyncResult:
+        started = time.monotonic()
+        read_kernel = full or self._view is None
+        with Kernel(self.netns) as kernel:
+            if read_kernel:
+                view = kernel.read_view()
+            else:
+                assert self._view is not None
+                view = self._refresh_draining(kernel, self._view)
+            result = p.plan(
+                state,
+                view,
+                scheduler=self.scheduler,
+                now=time.monotonic(),
+                draining=self._draining,
+                grace_period=self.grace_period,
+                cache=self._cache,
+            )
+            try:
+                kernel.apply(result.ops)
+                if read_kernel:
+                    # After the first IPVS request: the vs sysctls exist once IPVS is loaded.
+                    changed = kernel.set_sysctls()
+                    if changed:
+                        log.info("ipvs.sysctls_set", **changed)
+            except KernelError:
+                self._view = None  # unknown now: the next sync reads the kernel
+                raise
+        self._view = result.expected
+        self._draining = result.draining
+        self._owned_services = sum(1 for k in result.expected.services if result.expected.owns(k))
+        if result.conflicts != self._conflicts:
+            for conflict in result.conflicts:
+                log.warning("ipvs.frontend_conflict", detail=conflict)
+            self._conflicts = result.conflicts
+
+        restores = self._sync_rules(state, p.families_for(state, result.expected), read_kernel)
+        detail: dict[str, int] = {f"ops_{k}": v for k, v in result.count().items()}
+        detail["iptables_restores"] = restores
+        detail["draining_real_servers"] = len(result.draining)
+        detail["conntrack_deleted"] = self._clean_conntrack(state)
+        self._synced_state = state
+        detail["elapsed_ms"] = int((time.monotonic() - started) * 1000)
+        return SyncResult(
+            full=read_kernel, changed_service_ports=result.changed_service_ports, detail=detail
+        )
+
+    def _refresh_draining(self, kernel: Kernel, view: p.KernelView) -> p.KernelView:
+        """`view` with fresh connection counts for the virtual servers that drain."""
+        keys = {key for key, _ in self._draining if key in view.services}
+        if not keys:
+            return view
+        services = dict(view.services)
+        for key, dests in kernel.read_dests(keys).items():
+            services[key] = p.ServiceView(services[key].vs, dests)
+        return replace(view, services=services)
+
+    def _sync_rules(self, state: ProxyState, families: list[IPFamily], full: bool) -> int:
+        """Restore the constant iptables rules where they changed (or all, on a full sync,
+        re-inserting any missing jump from the built-in chains); how many restores ran."""
+        restores = 0
+        for family in families:
+            tools = self._tools(family)
+            if family == IPFamily.V6 and not tools.available():
+                continue
+            base = p.iptables_payload(state, family, jumps=())
+            if not full and self._rules.get(family) == base:
+                continue
+            jumps = self._missing_jumps(tools)
+            payload = base if not jumps else p.iptables_payload(state, family, jumps)
+            try:
+                tools.restore(payload)
+            except IptablesError:
+                self._rules.pop(family, None)
+                raise
+            self._rules[family] = base
+            restores += 1
+        return restores
+
+    @staticmethod
+    def _missing_jumps(tools: Tools) -> list[Jump]:
+        return _missing_jumps(parse_save(tools.save()))
+
+    def _clean_conntrack(self, state: ProxyState) -> int:
+        flows = stale_udp_flows(self._synced_state, state)
+        if not flows:
+            return 0
+        try:
+            return delete_stale_udp_flows(flows, netns=self.netns)
+        except Exception as e:  # noqa: BLE001 - the datapath is in; a later sync retries
+            log.warning("conntrack.cleanup_failed", error=str(e))
+            return 0
+
+    # --- canary -----------------------------------------------------------------------
+
+    def needs_full_sync(self) -> bool:
+        """True when lbd's kernel state is not all there any more: the dummy interface, the
+        virtual servers (an `ipvsadm -C`), or the iptables rules (a flush, or a jump gone)."""
+        if self._view is None:
+            return True
+        try:
+            with Kernel(self.netns) as kernel:
+                if not kernel.dummy_exists():
+                    return True
+                if kernel.count_services() < self._owned_services:
+                    return True
+            for family in self._rules:
+                tables = parse_save(self._tools(family).save())
+                for name in p.CANARY_TABLES:
+                    table = tables.get(name)
+                    if table is None or not table.rules_of(p.CANARY):
+                        return True
+                if _missing_jumps(tables):
+                    return True
+        except (KernelError, IptablesError, OSError) as e:
+            log.warning("ipvs.check_failed", action="full sync", error=str(e))
+            return True
+        return False
+
+    # --- status -----------------------------------------------------------------------
+
+    def status(self) -> list[FrontendStatus]:
+        with Kernel(self.netns) as kernel:
+            view = kernel.read_view()
+        return frontends(view)
+
+    # --- cleanup ----------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Remove lbd's IPVS chains (every variant and family), its virtual servers, its
+        ipsets and lbd-ipvs0 — and nothing else. Safe on hosts without IPVS or ipset."""
+        errors: list[str] = []
+        for variant in VARIANTS:
+            for family in (IPFamily.V4, IPFamily.V6):
+                tools = self._tools(family, variant)
+                if not tools.available():
+                    continue
+                if variant == "legacy" and not tools.legacy_tables():
+                    continue  # never used here; reading would instantiate its tables
+                try:
+                    saved = tools.save()
+                except IptablesError as e:
+                    log.info("ipvs.cleanup_skipped", tool=tools.binary(), error=str(e))
+                    continue
+                payload = removal_payload(saved, _owned_chain)
+                if payload is None:
+                    continue
+                try:
+                    tools.restore(payload)
+                except IptablesError as e:
+                    errors.append(str(e))
+        # Rules referencing the ipsets are gone now, so the sets can be destroyed.
+        with Kernel(self.netns) as kernel:
+            errors.extend(kernel.remove_all_owned(ipset=Path("/sys/module/ip_set").exists()))
+        self._view = None
+        self._draining.clear()
+        self._rules.clear()
+        self._synced_state = None
+        if errors:
+            raise KernelError("cleanup incomplete:\n" + "\n".join(errors))
