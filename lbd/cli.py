@@ -48,6 +48,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         choices=("auto", "legacy", "nft"),
         help="iptables backend of the host (auto: detect as kube-proxy does)",
     )
+    p.add_argument("--ipvs-scheduler", help="IPVS scheduler (rr, lc, sh, ...; default rr)")
     ebpf = p.add_argument_group("ebpf mode (names follow Cilium's where they exist)")
     _add_ebpf_flags(ebpf)
     p.add_argument("--log-level", default="info")
@@ -161,6 +162,7 @@ def load_run_config(args: argparse.Namespace) -> ProxyConfig:
             "metrics_bind_address",
             "masquerade_all",
             "iptables_variant",
+            "ipvs_scheduler",
         )
     }
     ebpf = ebpf_options(args)

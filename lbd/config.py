@@ -163,6 +163,12 @@ def build_config(file_text: str | None, overrides: dict[str, Any]) -> ProxyConfi
         )
     if cfg.iptables_variant not in ("auto", "legacy", "nft"):
         raise ConfigError(f"iptables variant {cfg.iptables_variant!r} is not auto, legacy or nft")
+    from backends.ipvs.plan import SCHEDULERS
+
+    if cfg.ipvs_scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"IPVS scheduler {cfg.ipvs_scheduler!r} is unknown (one of {', '.join(SCHEDULERS)})"
+        )
     if cfg.min_sync_period < 0 or cfg.sync_period <= 0:
         raise ConfigError("sync periods must be positive durations")
     parse_bind_address(cfg.healthz_bind_address, "healthz bind address")

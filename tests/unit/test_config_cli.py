@@ -102,3 +102,9 @@ def test_bad_config_file_fails_with_exit_2(tmp_path: Path):
     assert proc.returncode == 2 and "sideways" in proc.stderr and "Traceback" not in proc.stderr
     proc = lbd("run", "--config", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+def test_unknown_ipvs_scheduler_is_one_clear_error():
+    with pytest.raises(ConfigError, match="IPVS scheduler 'bogus'"):
+        build_config(None, {"ipvs_scheduler": "bogus"})
+    assert build_config(None, {"ipvs_scheduler": "sh"}).ipvs_scheduler == "sh"
