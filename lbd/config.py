@@ -166,9 +166,8 @@ def build_config(file_text: str | None, overrides: dict[str, Any]) -> ProxyConfi
     from backends.ipvs.plan import SCHEDULERS
 
     if cfg.ipvs_scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"IPVS scheduler {cfg.ipvs_scheduler!r} is unknown (one of {', '.join(SCHEDULERS)})"
-        )
+        known = ", ".join(sorted(SCHEDULERS))
+        raise ConfigError(f"IPVS scheduler {cfg.ipvs_scheduler!r} is unknown (one of {known})")
     if cfg.min_sync_period < 0 or cfg.sync_period <= 0:
         raise ConfigError("sync periods must be positive durations")
     parse_bind_address(cfg.healthz_bind_address, "healthz bind address")
