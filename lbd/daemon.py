@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import suppress
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -90,6 +91,7 @@ class Daemon:
         self.health_checks = HealthCheckServers(self._health_check_hosts)
         self._tasks: set[asyncio.Task[None]] = set()
         self._built_rv = 0
+        self._switched = False
 
     def build(self) -> ProxyState:
         self._built_rv = max(s.last_event_rv for s in (self.services, self.slices, self.nodes))
@@ -111,9 +113,27 @@ class Daemon:
 
     def _on_synced(self, state: ProxyState) -> None:
         metrics.SYNCED_RESOURCE_VERSION.set(self._built_rv)
-        task = asyncio.get_running_loop().create_task(self.health_checks.update(state))
+        if not self._switched:
+            # A mode switch: what another lbd mode left is removed only once this mode's
+            # datapath is in place, so services stay reachable throughout.
+            self._switched = True
+            self._spawn(self._remove_other_modes())
+        self._spawn(self.health_checks.update(state))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _remove_other_modes(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            cleaned = await loop.run_in_executor(None, cleanup_other_modes, self.cfg)
+        except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
+            log.error("mode.cleanup_failed", error=str(err)[:500])
+            return
+        if cleaned:
+            log.info("mode.switched", mode=self.cfg.mode, removed=cleaned)
 
     def _on_change(self, kind: str, key: str | None = None) -> None:
         changed_at = time.monotonic()
@@ -161,11 +181,6 @@ class Daemon:
             ),
         ]
         ready = asyncio.Event()
-        # A mode switch: remove what another lbd mode left before this one takes over.
-        loop = asyncio.get_running_loop()
-        cleaned = await loop.run_in_executor(None, cleanup_other_modes, self.cfg)
-        if cleaned:
-            log.info("mode.switched", mode=self.cfg.mode, removed=cleaned)
 
         async def wait_synced() -> None:
             await asyncio.gather(*(r.synced.wait() for r in reflectors))

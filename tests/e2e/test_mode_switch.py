@@ -1,0 +1,130 @@
+"""The mode switch as the DaemonSet performs it: node-1's lbd is restarted with the
+other mode's manifest (its command line and its ConfigMap's config.conf), with traffic
+running. The new mode takes over, the old mode's datapath disappears, nothing fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backends.base import HostUnsupported
+from backends.registry import check_host
+from lbd.testing.env import LbdEnv
+from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
+from lbd.testing.traffic import SteadyTraffic, tcp_request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kernel, pytest.mark.reliability]
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+HTTP = PortSpec(80, 8080, "TCP", "http", node_port=30777)
+
+
+def daemonset_argv(env: LbdEnv, mode: str, node: str, workdir: Path) -> list[str]:
+    """The DaemonSet's own command, run against the test cluster."""
+    docs = list(yaml.safe_load_all((MANIFESTS / f"lbd-{mode}.yaml").read_text()))
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.conf"]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    command = ds["spec"]["template"]["spec"]["containers"][0]["command"]
+    conf = workdir / f"config-{mode}.conf"
+    conf.write_text(config)
+    argv = [sys.executable, "-m", "lbd"]
+    for arg in command[1:]:
+        arg = arg.replace("$(NODE_NAME)", node)
+        argv.append(f"--config={conf}" if arg.startswith("--config=") else arg)
+    # What a real pod gets from its service account and host mounts, pointed at the
+    # test cluster; the ebpf locations are given to both modes so each can clean up the
+    # other's datapath.
+    return [
+        *argv,
+        "--kubeconfig",
+        str(env.kubeconfig),
+        "--min-sync-period",
+        "100ms",
+        *env.mode_args(node),
+    ]
+
+
+def iptables_rules(env: LbdEnv, node: str) -> int:
+    ns = env.cluster.netns_of(node)
+    total = 0
+    for tool in ("iptables-legacy-save", "iptables-nft-save"):
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, tool], capture_output=True, text=True, check=False
+        ).stdout
+        total += sum(1 for line in out.splitlines() if "LBD-" in line)
+    return total
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    try:
+        check_host("ebpf")
+    except HostUnsupported as err:
+        pytest.skip(str(err))
+    # The env is built for ebpf (per-node cgroups, a shared bpffs); daemons come from the
+    # manifests instead of the env's defaults.
+    with LbdEnv("ebpf", start_daemons=False) as e:
+        for n in e.cluster.nodes:
+            e.start_daemon(n.name, argv=daemonset_argv(e, "iptables", n.name, tmp_path), wait=False)
+        for n in e.cluster.nodes:
+            e.wait_healthy(n.name)
+        e.apply(service("web", ["10.96.8.8"], [HTTP], type="NodePort"))
+        e.apply(
+            endpoint_slice("web", [EndpointSpec(p.ipv4, p.node) for p in e.cluster.pods], [HTTP])
+        )
+        e.wait_synced()
+        yield e
+
+
+def test_iptables_to_ebpf_and_back_with_traffic(env: LbdEnv, tmp_path: Path):
+    node1 = env.node("node-1")
+    assert iptables_rules(env, "node-1") > 0
+    pod = SteadyTraffic(env.cluster.pod("pod-1-1").netns, "10.96.8.8", 80, rate=20)
+    ext = SteadyTraffic(env.cluster.external.netns, node1.ipv4, 30777, rate=20)
+    with pod, ext:
+        for mode in ("ebpf", "iptables"):
+            env.stop_daemon("node-1")
+            env.start_daemon("node-1", argv=daemonset_argv(env, mode, "node-1", tmp_path))
+            env.wait_synced()
+            assert "10.96.8.8:80" in lbd_status(env, mode), mode
+            if mode == "ebpf":
+                # the previous mode's rules are gone once ebpf serves
+                _wait(lambda: iptables_rules(env, "node-1") == 0)
+            else:
+                assert iptables_rules(env, "node-1") > 0
+                _wait(lambda: "10.96.8.8" not in lbd_status(env, "ebpf"))
+            pod.wait_for(len(pod.samples) + 20)
+            # reachable after the switch, from a pod and from outside
+            assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
+            assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
+    # A connection caught mid-handshake while one datapath hands over to the other can be
+    # lost (the old datapath's NAT state goes with it); every other request succeeds.
+    for traffic in (pod, ext):
+        assert len(traffic.failures) <= 2 * 2 and len(traffic.successes) > 40, traffic.summary()
+
+
+def lbd_status(env: LbdEnv, mode: str) -> str:
+    """`lbd status` on node-1, read back from the kernel."""
+    argv = [
+        sys.executable,
+        "-m",
+        "lbd",
+        "status",
+        "--proxy-mode",
+        mode,
+        *env.location_args("node-1"),
+    ]
+    return env.exec_in("node-1", argv, timeout=60).stdout
+
+
+def _wait(check, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.2)
