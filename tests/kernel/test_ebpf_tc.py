@@ -171,7 +171,7 @@ def all_pods(cluster: MiniCluster) -> set[str]:
     return {p.name for p in cluster.pods}
 
 
-def from_outside(cluster: MiniCluster, ip: str, port: int, proto: str = "tcp", n: int = 30):
+def from_outside(cluster: MiniCluster, ip: str, port: int, proto: str = "tcp", n: int = 60):
     return spread(cluster.external.netns, ip, port, proto, count=n, timeout=1.0)
 
 
@@ -554,7 +554,7 @@ def test_a_full_sync_restores_what_was_removed(cluster, node1):
     assert not node1.needs_full_sync()
     assert Path(node1.bpffs, "lbd_backends").exists()
     assert "lbd_tc_from_netdev" in tc_filters(node.netns, "eth0", "ingress")
-    result = from_outside(cluster, node.ipv4, NODE_PORT, n=20)
+    result = from_outside(cluster, node.ipv4, NODE_PORT, n=60)
     assert result.failed == 0 and set(result.pods) == all_pods(cluster)
 
 
@@ -563,14 +563,14 @@ def test_socket_and_tc_load_balancing_together(cluster, sandbox, node1):
     ports = both("web", endpoints(cluster, "node-1"), node_port=NODE_PORT)
     node1.sync(state(cluster, "node-1", *ports), False)
     # from outside: tc
-    result = from_outside(cluster, node.ipv4, NODE_PORT, n=20)
+    result = from_outside(cluster, node.ipv4, NODE_PORT, n=60)
     assert result.failed == 0 and set(result.pods) == all_pods(cluster)
     # from a pod in node-1's cgroup, to the cluster IP and to node-1's own node port:
     # socket LB (no SNAT: the pods see the client pod)
     client = cluster.pod("pod-1-1")
     for ip, port in ((VIP, 80), (node.ipv4, NODE_PORT)):
         argv = [sys.executable, "-m", "lbd.testing.traffic", "tcp", ip, str(port)]
-        argv += ["--count", "20", "--json"]
+        argv += ["--count", "60", "--json"]
         proc = sandbox.run(sandbox.node("node-1"), client.netns, argv, cwd=REPO)
         out = json.loads(proc.stdout)
         assert out["failed"] == 0, out
