@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -579,6 +580,17 @@ def _kernel_facts(target: Target, backend: Backend, ns: str) -> JSON:
     return facts
 
 
+@contextmanager
+def _cleaned_up(backend: Backend) -> Iterator[Backend]:
+    """Remove what the backend created even when a measurement fails: deleting the
+    namespace takes iptables rules with it, but pinned BPF objects outlive it."""
+    try:
+        yield backend
+    finally:
+        with suppress(Exception):
+            backend.cleanup()
+
+
 def full_change_repeats(services: int, changes: int, quick: bool = False) -> int:
     """Repetitions of the change loop with full syncs: a full sync at 10k costs seconds,
     so fewer of them are enough to compare against the partial path."""
@@ -608,8 +620,7 @@ def measure_target(
     with_full: JSON = {}
     result: JSON = {"target": target.label, "mode": target.mode, "variant": target.variant}
     for rep in range(repeats):
-        with scratch_netns() as ns:
-            backend = target.make_backend(ns)
+        with scratch_netns() as ns, _cleaned_up(target.make_backend(ns)) as backend:
             run = _timed_full_sync(backend, snapshot.state)
             full_runs.append(run)
             log(
