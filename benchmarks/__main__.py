@@ -15,6 +15,7 @@ import datetime
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         },
         "skipped": [{"target": s.target, "reason": s.reason} for s in skipped],
         "not_run": [],
+        "failed": [],
         "build": [],
         "sync": [],
     }
@@ -174,6 +176,19 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 results["skipped"].append({"target": target.label, "reason": str(e)})
                 dropped.add(target)
                 continue
+            except Exception as e:
+                # One target failing (a sync error, a namespace removed under us by
+                # someone else) must not throw away the other targets' numbers.
+                error = f"{type(e).__name__}: {e}" + "".join(
+                    f" ({note})" for note in getattr(e, "__notes__", ())
+                )
+                log(f"{target.label} FAILED: {error}")
+                traceback.print_exc(file=sys.stderr)
+                results["failed"].append(
+                    {"target": target.label, "services": services, "error": error}
+                )
+                report.write_json(results, out)
+                continue
             results["sync"].append(
                 {
                     "services": services,
@@ -207,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.write_all(results, args.out)
     _log(f"results in {args.out}")
     print(markdown)
+    if results["failed"]:
+        _log(f"{len(results['failed'])} measurement(s) failed; see results.md")
+        return 1
     return 0
 
 

@@ -591,6 +591,13 @@ def _cleaned_up(backend: Backend) -> Iterator[Backend]:
             backend.cleanup()
 
 
+def _explain_vanished(ns: str, error: Exception) -> None:
+    """Say so when the failure is our namespace having been deleted by someone else (a
+    shared machine's clean-up), not a fault of the backend."""
+    if not netns.exists(ns):
+        error.add_note(f"namespace {ns} was deleted by another process during the run")
+
+
 def full_change_repeats(services: int, changes: int, quick: bool = False) -> int:
     """Repetitions of the change loop with full syncs: a full sync at 10k costs seconds,
     so fewer of them are enough to compare against the partial path."""
@@ -631,7 +638,11 @@ def measure_target(
                 continue
             result["kernel"] = _kernel_facts(target, backend, ns)
             driver = ChangeDriver(snapshot, workload)
-            partial = _change_series(backend, driver, changes, full=False)
+            try:
+                partial = _change_series(backend, driver, changes, full=False)
+            except Exception as e:
+                _explain_vanished(ns, e)
+                raise
             if partial["samples"]:
                 log(
                     f"{target.label}: {changes} changes (partial sync): p50 "
@@ -640,7 +651,11 @@ def measure_target(
                     f"{partial['total']['max'] * 1000:.1f} ms"
                 )
             n_full = full_change_repeats(workload.services, changes, quick)
-            with_full = _change_series(backend, driver, n_full, full=True)
+            try:
+                with_full = _change_series(backend, driver, n_full, full=True)
+            except Exception as e:
+                _explain_vanished(ns, e)
+                raise
             if with_full["samples"]:
                 log(
                     f"{target.label}: {n_full} changes (full sync): p50 "

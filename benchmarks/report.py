@@ -298,6 +298,11 @@ def markdown(results: JSON) -> str:
             ),
             "",
         ]
+    failed = results.get("failed", [])
+    if failed:
+        lines += ["## Failed", ""]
+        lines += [f"- {f['target']} at {f['services']:,} services: {f['error']}" for f in failed]
+        lines.append("")
     skipped = results.get("skipped", [])
     not_run = results.get("not_run", [])
     if skipped or not_run:
