@@ -153,6 +153,8 @@ class _Resolver:
             for rule in rules:
                 if rule.target.startswith(r.SEP_PREFIX):
                     out.update(dict.fromkeys(self.endpoints(rule.target)))
+                elif "--to-destination" in rule.opts:  # DNAT straight from the chain
+                    out[rule.opts["--to-destination"]] = None
             return tuple(out)
         if chain.startswith(r.EXT_PREFIX):
             # Where traffic from outside the cluster goes: the final unconditional jump to

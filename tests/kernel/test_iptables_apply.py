@@ -101,8 +101,12 @@ def state(*ports: ServicePort, **kw: object) -> ProxyState:
     )
 
 
-WEB = sport(endpoints=(ep("10.244.1.5"), ep("10.244.2.6"), ep("10.244.3.7")))
-API = sport("api", cluster_ip="10.96.0.20", node_port=30020, endpoints=(ep("10.244.4.8"),))
+# One endpoint of each service is on this node, so it has its own SEP chain (the others
+# are DNATed straight from the SVC chain).
+WEB = sport(endpoints=(ep("10.244.1.5"), ep("10.244.2.6"), ep("10.244.3.7", local=True)))
+API = sport(
+    "api", cluster_ip="10.96.0.20", node_port=30020, endpoints=(ep("10.244.4.8", local=True),)
+)
 
 
 def svc_chain(sp: ServicePort) -> str:

@@ -149,7 +149,9 @@ def check_rule_set(env: LbdEnv, node: str, variant: str) -> set[str]:
 
     No jump leads to a missing chain; every service chain the portal chain uses exists
     and sends to endpoint chains that each DNAT; every programmed bulk service has all
-    of its endpoints (its EndpointSlice was programmed whole or not at all).
+    of its endpoints (its EndpointSlice was programmed whole or not at all). An
+    endpoint is reached through its own SEP chain or by a DNAT straight from the SVC
+    chain (remote endpoints of services without affinity).
     """
     served: set[str] = set()
     for (_, family, table), saved in save_all(env, node, (variant,), ("nat", "filter")).items():
@@ -168,11 +170,13 @@ def check_rule_set(env: LbdEnv, node: str, variant: str) -> set[str]:
             seps = [
                 t.group(1)
                 for r in saved.rules_of(svc)
-                if (t := _TARGET.search(r)) and t.group(1).startswith("LBD-SEP-")
+                if (t := _TARGET.search(r))
+                and (t.group(1) == "DNAT" or t.group(1).startswith("LBD-SEP-"))
             ]
             assert seps, (svc, saved.rules_of(svc))
             for sep in seps:
-                assert any("DNAT" in r for r in saved.rules_of(sep)), (sep, saved.rules_of(sep))
+                if sep != "DNAT":
+                    assert any("DNAT" in r for r in saved.rules_of(sep)), (sep, saved.rules_of(sep))
             if dest.group(1) != STABLE_VIP:
                 assert len(seps) == ENDPOINTS_PER_SERVICE, (dest.group(1), seps)
                 served.add(dest.group(1))

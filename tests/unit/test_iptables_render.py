@@ -87,6 +87,7 @@ def state(*ports: ServicePort, **kw: object) -> ProxyState:
 
 
 THREE = (ep("10.244.1.5"), ep("10.244.2.6"), ep("10.244.3.7"))
+THREE_LOCAL = tuple(e._replace(is_local=True, node_name="node-a") for e in THREE)
 
 
 def golden_states() -> dict[str, tuple[ProxyState, IPFamily]]:
@@ -198,6 +199,12 @@ def opt(rule: list[str], name: str) -> str | None:
     return rule[rule.index(name) + 1] if name in rule else None
 
 
+def endpoint_picks(rules_: list[list[str]]) -> list[list[str]]:
+    """The rules of an SVC/SVL chain that pick an endpoint: a jump to its SEP chain, or a
+    DNAT straight to it."""
+    return [r for r in rules_ if opt(r, "-j") == "DNAT" or opt(r, "-j").startswith("LBD-SEP-")]
+
+
 def chain_of(payload: str, prefix: str) -> str:
     names = [ln[1:].split()[0] for ln in payload.splitlines() if ln.startswith(f":{prefix}")]
     assert len(names) == 1, names
@@ -229,7 +236,7 @@ def test_golden_partial_payload_after_one_endpoint_change() -> None:
 def test_endpoint_choice_is_uniform_over_three_endpoints() -> None:
     payload = render_full(state(sport(endpoints=THREE)), V4)
     svc = chain_of(payload, "LBD-SVC-")
-    to_endpoints = [r for r in chain_rules(payload, svc) if opt(r, "-j").startswith("LBD-SEP-")]
+    to_endpoints = endpoint_picks(chain_rules(payload, svc))
     probs = [opt(r, "--probability") for r in to_endpoints]
     assert probs == ["0.3333333333", "0.5000000000", None]  # the last rule always matches
     # Each endpoint is reached with probability 1/3 (up to the 10-decimal formatting).
@@ -246,18 +253,15 @@ def test_every_endpoint_gets_one_statistic_rule_and_the_last_is_unconditional(n:
     eps = tuple(ep(f"10.244.{i // 250}.{i % 250 + 1}") for i in range(n))
     payload = render_full(state(sport(endpoints=eps)), V4)
     svc = chain_rules(payload, chain_of(payload, "LBD-SVC-"))
-    jumps = [r for r in svc if opt(r, "-j").startswith("LBD-SEP-")]
+    jumps = endpoint_picks(svc)
     assert len(jumps) == n
     assert [opt(r, "--probability") for r in jumps] == [
         f"{1 / (n - i):.10f}" for i in range(n - 1)
     ] + [None]
-    # Each endpoint has its own SEP chain DNATing to it.
-    dnat = {
-        opt(r, "--to-destination")
-        for r in rules(payload)
-        if r[1].startswith("LBD-SEP-") and "DNAT" in r
-    }
-    assert dnat == {f"{e.ip}:{e.port}" for e in eps}
+    # Remote endpoints without affinity are DNATed straight from the SVC chain: no SEP
+    # chain (no hairpin rule is needed for a pod on another node).
+    assert [opt(r, "--to-destination") for r in jumps] == [f"{e.ip}:{e.port}" for e in eps]
+    assert not [c for c in declared(payload) if c.startswith("LBD-SEP-")]
 
 
 def test_client_ip_affinity_checks_recent_lists_before_choosing_and_records_the_choice() -> None:
@@ -275,13 +279,18 @@ def test_client_ip_affinity_checks_recent_lists_before_choosing_and_records_the_
 
 
 def test_hairpin_and_off_cluster_clients_are_masqueraded_but_pods_are_not() -> None:
-    payload = render_full(state(sport(endpoints=THREE[:1])), V4)
+    payload = render_full(state(sport(endpoints=THREE_LOCAL[:1] + THREE[1:2])), V4)
     svc = chain_rules(payload, chain_of(payload, "LBD-SVC-"))
     masq = [r for r in svc if opt(r, "-j") == "LBD-MARK-MASQ"]
     assert len(masq) == 1 and masq[0][masq[0].index("-s") - 1] == "!"
     assert opt(masq[0], "-s") == "10.244.0.0/16"
+    # Only the local endpoint has a SEP chain, which masquerades the endpoint reaching
+    # itself (hairpin); the remote one is DNATed straight from the SVC chain.
     sep = chain_rules(payload, chain_of(payload, "LBD-SEP-"))
     assert opt(sep[0], "-s") == "10.244.1.5" and opt(sep[0], "-j") == "LBD-MARK-MASQ"
+    assert opt(sep[1], "--to-destination") == "10.244.1.5:8080"
+    (direct,) = [r for r in svc if opt(r, "-j") == "DNAT"]
+    assert opt(direct, "--to-destination") == "10.244.2.6:8080"
     post = chain_rules(payload, "LBD-POSTROUTING")
     assert post[-1][-2:] == ["MASQUERADE", "--random-fully"]
 
@@ -530,10 +539,16 @@ def declared(payload: str, table: str = "nat") -> set[str]:
 
 
 def test_partial_mentions_only_changed_service_ports_chains() -> None:
-    web, api = sport(endpoints=THREE), sport("api", cluster_ip="10.96.0.20", endpoints=THREE)
+    web = sport(endpoints=THREE_LOCAL)
+    api = sport("api", cluster_ip="10.96.0.20", endpoints=THREE_LOCAL)
     before = state(web, api)
     full = render_full(before, V4)
-    after = state(dataclasses.replace(web, cluster_endpoints=THREE[:2]), api)
+    after = state(
+        dataclasses.replace(
+            web, cluster_endpoints=THREE_LOCAL[:2], local_endpoints=THREE_LOCAL[:2]
+        ),
+        api,
+    )
     payload = render_partial(before, after, V4)
     assert payload is not None
     api_chains = {c for c in declared(full) if c.startswith("LBD-")} - declared(
@@ -544,7 +559,7 @@ def test_partial_mentions_only_changed_service_ports_chains() -> None:
     assert api_chains and not (api_chains & declared(payload))
     assert not [r for r in rules(payload) if r[1] in api_chains]
     assert not [ln for ln in payload.splitlines() if ln.startswith("-X") and ln[3:] in api_chains]
-    removed_sep = render.endpoint_chain(web, THREE[2])
+    removed_sep = render.endpoint_chain(web, THREE_LOCAL[2])
     assert f"-X {removed_sep}" in payload.splitlines()
     assert "*mangle" not in payload  # the canary is left alone
     # LBD-SERVICES is rewritten whole: both services' cluster IPs are in it.
@@ -618,6 +633,10 @@ class FakeKernel:
             elif line.startswith("-I "):
                 chain, pos, spec = line[3:].split(" ", 2)
                 t.setdefault(chain, []).insert(int(pos) - 1, spec)
+            elif line.startswith("-D "):
+                chain, spec = line[3:].split(" ", 1)
+                assert chain in t and spec in t[chain], f"deleting a missing rule: {line}"
+                t[chain].remove(spec)
             elif line.startswith("-X "):
                 chain = line[3:]
                 assert not t[chain], f"deleting non-empty {chain}"
@@ -805,3 +824,40 @@ def test_first_sync_checks_every_udp_service_with_endpoints() -> None:
     new = state(udp(ep("10.244.1.5", 53)), sport(endpoints=THREE))
     (flows,) = stale_udp_flows(None, new)
     assert flows.reason == "resync" and flows.keep == {("10.244.1.5", 53)}
+
+
+def test_large_clusters_leave_per_endpoint_comments_out() -> None:
+    # kube-proxy's threshold: more than 1000 endpoints in all. Service-level rules keep
+    # their comments (lbd status reads frontends from them); endpoint rules lose them.
+    eps = tuple(ep(f"10.244.{i // 250}.{i % 250 + 1}") for i in range(11))
+    small = state(*(sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=eps) for i in range(90)))
+    large = state(*(sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=eps) for i in range(91)))
+    for cluster, commented in ((small, True), (large, False)):
+        payload = render_full(cluster, V4)
+        picks = endpoint_picks(chain_rules(payload, chain_of_service(payload, "s7")))
+        assert len(picks) == 11
+        assert all(("--comment" in r) == commented for r in picks)
+        assert all("--comment" in r for r in chain_rules(payload, "LBD-SERVICES"))
+
+
+def chain_of_service(payload: str, name: str) -> str:
+    (rule,) = [
+        r
+        for r in chain_rules(payload, "LBD-SERVICES")
+        if opt(r, "--comment") == f"default/{name}:http cluster IP"
+    ]
+    return opt(rule, "-j") or ""
+
+
+def test_a_partial_payload_fails_as_a_whole_when_lbds_nat_chains_were_flushed() -> None:
+    kernel = FakeKernel()
+    before = state(sport(endpoints=THREE))
+    kernel.restore(render_full(before, V4))
+    kernel.tables["nat"]["LBD-PROXY-CANARY"] = []  # iptables -t nat -F
+    payload = render_partial(before, state(sport(endpoints=THREE[:2])), V4)
+    assert payload is not None
+    with pytest.raises(AssertionError, match="deleting a missing rule"):
+        kernel.restore(payload)
+    # nat comes first, so the failing check comes before any table is committed.
+    assert payload.index("*nat") < payload.index("*filter")
+    assert payload.index("-D LBD-PROXY-CANARY") < payload.index("COMMIT")
