@@ -226,3 +226,176 @@ class PinnedMap:
             except KeyError:
                 continue  # deleted meanwhile
         return out
+
+
+# --- batched and raw element access -----------------------------------------------------------
+# Whole runs of map writes in one bpf(2) call each (BPF_MAP_*_BATCH, kernel 5.6+, hash
+# maps), with keys and values as packed bytes: a full sync of 10k services writes a quarter
+# of a million entries, which one syscall (and one ctypes object) per entry cannot do in a
+# second. Maps or kernels without batch support fall back to one call per entry.
+
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+_BATCH_ATTR = struct.Struct("=QQQQIIQQ")  # in_batch out_batch keys values count map_fd ...
+_ENOENT, _E2BIG, _ENOSPC, _EINVAL, _EOPNOTSUPP, _ENOTSUPP = 2, 7, 28, 22, 95, 524
+# Entries per syscall (the kernel copies them one by one; this only bounds our buffers).
+BATCH_ENTRIES = 16384
+BATCH_BYTES = 4 << 20
+
+
+class MapFullError(BpfError):
+    """A write needed a new entry in a map that has max_entries of them (E2BIG)."""
+
+
+def _bpf_count(cmd: int, attr: bytes) -> tuple[int, int]:
+    """(errno or 0, the batch count the kernel wrote back)."""
+    if _NR_BPF is None:
+        raise BpfError(0, f"bpf(2) syscall number unknown on {platform.machine()}")
+    buf = ct.create_string_buffer(attr.ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
+    ret = _libc.syscall(ct.c_long(_NR_BPF), ct.c_int(cmd), buf, ct.c_uint(_ATTR_SIZE))
+    err = ct.get_errno() if ret < 0 else 0
+    (count,) = struct.unpack_from("=I", buf.raw, 32)
+    return err, count
+
+
+def _batch_unsupported(err: int) -> bool:
+    return err in (_EINVAL, _EOPNOTSUPP, _ENOTSUPP)
+
+
+def _raise(err: int, what: str) -> None:
+    cls = MapFullError if err == _E2BIG else BpfError
+    raise cls(err, f"{what}: {os.strerror(err)}")
+
+
+def map_update(fd: int, keys: bytes, values: bytes, key_size: int, value_size: int) -> int:
+    """Write len(keys)//key_size entries (BPF_ANY); returns the syscalls made."""
+    n = len(keys) // key_size
+    if n == 0:
+        return 0
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    vbuf = ct.create_string_buffer(values, len(values))
+    kp, vp = ct.addressof(kbuf), ct.addressof(vbuf)
+    per = max(1, min(BATCH_ENTRIES, BATCH_BYTES // max(value_size, 1)))
+    done = calls = 0
+    while done < n:
+        count = min(per, n - done)
+        attr = _BATCH_ATTR.pack(0, 0, kp + done * key_size, vp + done * value_size, count, fd, 0, 0)
+        err, written = _bpf_count(BPF_MAP_UPDATE_BATCH, attr)
+        calls += 1
+        if err == 0:
+            done += count
+            continue
+        if _batch_unsupported(err) and written == 0:
+            return calls + _update_each(fd, kp, vp, key_size, value_size, done, n)
+        _raise(err, f"map update (entry {done + written} of {n})")
+    return calls
+
+
+def _update_each(fd: int, kp: int, vp: int, ks: int, vs: int, start: int, n: int) -> int:
+    for i in range(start, n):
+        attr = struct.pack("=IIQQQ", fd, 0, kp + i * ks, vp + i * vs, 0)
+        err, _ = _bpf_count(BPF_MAP_UPDATE_ELEM, attr)
+        if err:
+            _raise(err, f"map update (entry {i} of {n})")
+    return n - start
+
+
+def map_delete(fd: int, keys: bytes, key_size: int) -> int:
+    """Delete len(keys)//key_size entries; keys already gone are skipped. Returns the
+    number of entries that were there."""
+    n = len(keys) // key_size
+    if n == 0:
+        return 0
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    kp = ct.addressof(kbuf)
+    done = deleted = 0
+    batch = True
+    while done < n:
+        if not batch:
+            attr = struct.pack("=IIQQQ", fd, 0, kp + done * key_size, 0, 0)
+            err, _ = _bpf_count(BPF_MAP_DELETE_ELEM, attr)
+            if err not in (0, _ENOENT):
+                _raise(err, "map delete")
+            deleted += err == 0
+            done += 1
+            continue
+        count = min(BATCH_ENTRIES, n - done)
+        attr = _BATCH_ATTR.pack(0, 0, kp + done * key_size, 0, count, fd, 0, 0)
+        err, gone = _bpf_count(BPF_MAP_DELETE_BATCH, attr)
+        if err == 0:
+            done += count
+            deleted += count
+        elif err == _ENOENT:
+            # the batch stops at the first missing key: skip it, go on after it
+            done += gone + 1
+            deleted += gone
+        elif _batch_unsupported(err) and gone == 0:
+            batch = False
+        else:
+            _raise(err, "map delete")
+    return deleted
+
+
+def map_dump(fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes]:
+    """Every entry of a map as (keys, values), packed back to back."""
+    per = max(8, min(BATCH_ENTRIES // 4, BATCH_BYTES // max(value_size, 1)))
+    keys, values = [], []
+    token_in = ct.create_string_buffer(max(key_size, 8))
+    token_out = ct.create_string_buffer(max(key_size, 8))
+    first = True
+    while True:
+        kbuf = ct.create_string_buffer(per * key_size)
+        vbuf = ct.create_string_buffer(per * value_size)
+        attr = _BATCH_ATTR.pack(
+            0 if first else ct.addressof(token_in),
+            ct.addressof(token_out),
+            ct.addressof(kbuf),
+            ct.addressof(vbuf),
+            per,
+            fd,
+            0,
+            0,
+        )
+        err, got = _bpf_count(BPF_MAP_LOOKUP_BATCH, attr)
+        if err not in (0, _ENOENT):
+            if err == _ENOSPC and got == 0:  # one bucket holds more than `per`
+                per *= 2
+                continue
+            if _batch_unsupported(err) and first:
+                return _dump_each(fd, key_size, value_size)
+            _raise(err, "map lookup batch")
+        keys.append(kbuf.raw[: got * key_size])
+        values.append(vbuf.raw[: got * value_size])
+        if err == _ENOENT:
+            break
+        ct.memmove(token_in, token_out, len(token_out))
+        first = False
+    return b"".join(keys), b"".join(values)
+
+
+def _dump_each(fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes]:
+    keys, values = [], []
+    prev = None
+    nxt = ct.create_string_buffer(key_size)
+    val = ct.create_string_buffer(value_size)
+    while True:
+        kptr = ct.addressof(prev) if prev is not None else 0
+        err, _ = _bpf_count(
+            BPF_MAP_GET_NEXT_KEY, struct.pack("=IIQQ", fd, 0, kptr, ct.addressof(nxt))
+        )
+        if err == _ENOENT:
+            break
+        if err:
+            _raise(err, "map get next key")
+        err, _ = _bpf_count(
+            BPF_MAP_LOOKUP_ELEM,
+            struct.pack("=IIQQQ", fd, 0, ct.addressof(nxt), ct.addressof(val), 0),
+        )
+        if err == 0:
+            keys.append(nxt.raw)
+            values.append(val.raw)
+        elif err != _ENOENT:  # deleted meanwhile: skip
+            _raise(err, "map lookup")
+        prev = ct.create_string_buffer(nxt.raw, key_size)
+    return b"".join(keys), b"".join(values)

@@ -29,10 +29,10 @@
 #define LBD_MAGLEV_M 16381
 #endif
 #ifndef LBD_SERVICES_MAX
-#define LBD_SERVICES_MAX 65536
+#define LBD_SERVICES_MAX 262144
 #endif
 #ifndef LBD_BACKENDS_MAX
-#define LBD_BACKENDS_MAX 65536
+#define LBD_BACKENDS_MAX 262144
 #endif
 #ifndef LBD_REV_NAT_MAX
 #define LBD_REV_NAT_MAX 65536
@@ -210,19 +210,21 @@ struct lb_config {
 	__u16 snat_port_max;
 };
 
+/* The control plane's maps are sized for large clusters (max_entries is a flag) and
+ * allocate per entry, so an idle limit costs no memory; only user space writes them. */
 BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_val, lbd_services, LBD_SERVICES_MAX,
-		 LBD_PIN_DIR "/lbd_services");
+		 LBD_PIN_DIR "/lbd_services", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct lb_backend_val, lbd_backends, LBD_BACKENDS_MAX,
-		 LBD_PIN_DIR "/lbd_backends");
+		 LBD_PIN_DIR "/lbd_backends", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct lb_rev_nat_val, lbd_revnat, LBD_REV_NAT_MAX,
-		 LBD_PIN_DIR "/lbd_revnat");
+		 LBD_PIN_DIR "/lbd_revnat", BPF_F_NO_PREALLOC);
 /* 64 KiB values at the default M: allocate per entry, not the whole map up front. */
 BPF_TABLE_PINNED("hash", __u32, struct lb_maglev_val, lbd_maglev, LBD_MAGLEV_MAX,
 		 LBD_PIN_DIR "/lbd_maglev", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lbd_affinity,
 		 LBD_AFFINITY_MAX, LBD_PIN_DIR "/lbd_affinity");
 BPF_TABLE_PINNED("hash", struct lb_aff_match_key, __u8, lbd_aff_match, LBD_BACKENDS_MAX,
-		 LBD_PIN_DIR "/lbd_aff_match");
+		 LBD_PIN_DIR "/lbd_aff_match", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct lb_ct_key, struct lb_ct_val, lbd_ct, LBD_CT_MAX,
 		 LBD_PIN_DIR "/lbd_ct");
 BPF_TABLE_PINNED("lpm_trie", struct lb_src_range_key, __u8, lbd_srcrange, LBD_SRC_RANGE_MAX,

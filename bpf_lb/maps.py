@@ -12,9 +12,13 @@ family byte beside them, so one map serves both families.
 
 from __future__ import annotations
 
+import array
 import ctypes as ct
 import functools
 import ipaddress
+import socket
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +50,8 @@ SVC_LOADBALANCER = 1 << 7
 SVC_EXTERNAL_IP = 1 << 8
 
 BACKEND_LOCAL = 1 << 0
+
+BPF_F_NO_PREALLOC = 1 << 0
 
 CT_SNAT = 1 << 0
 CT_CLOSING = 1 << 1
@@ -212,22 +218,36 @@ class MapSpec:
     key: type[ct._SimpleCData] | type[ct.Structure]
     value: type[ct._SimpleCData] | type[ct.Structure] | None  # None: depends on the M
     size_macro: str | None  # the -D that sets max_entries (None: fixed)
+    flags: int = 0  # map_flags lb.h gives it (BPF_F_NO_PREALLOC)
 
 
 MAP_SPECS: dict[str, MapSpec] = {
     s.name: s
     for s in (
-        MapSpec("lbd_services", "hash", SvcKey, SvcVal, "LBD_SERVICES_MAX"),
-        MapSpec("lbd_backends", "hash", ct.c_uint32, BackendVal, "LBD_BACKENDS_MAX"),
-        MapSpec("lbd_revnat", "hash", ct.c_uint32, RevNatVal, "LBD_REV_NAT_MAX"),
-        MapSpec("lbd_maglev", "hash", ct.c_uint32, None, "LBD_MAGLEV_MAX"),
+        MapSpec("lbd_services", "hash", SvcKey, SvcVal, "LBD_SERVICES_MAX", BPF_F_NO_PREALLOC),
+        MapSpec(
+            "lbd_backends", "hash", ct.c_uint32, BackendVal, "LBD_BACKENDS_MAX", BPF_F_NO_PREALLOC
+        ),
+        MapSpec("lbd_revnat", "hash", ct.c_uint32, RevNatVal, "LBD_REV_NAT_MAX", BPF_F_NO_PREALLOC),
+        MapSpec("lbd_maglev", "hash", ct.c_uint32, None, "LBD_MAGLEV_MAX", BPF_F_NO_PREALLOC),
         MapSpec("lbd_affinity", "lru_hash", AffinityKey, AffinityVal, "LBD_AFFINITY_MAX"),
-        MapSpec("lbd_aff_match", "hash", AffMatchKey, ct.c_uint8, "LBD_BACKENDS_MAX"),
+        MapSpec(
+            "lbd_aff_match", "hash", AffMatchKey, ct.c_uint8, "LBD_BACKENDS_MAX", BPF_F_NO_PREALLOC
+        ),
         MapSpec("lbd_ct", "lru_hash", CtKey, CtVal, "LBD_CT_MAX"),
-        MapSpec("lbd_srcrange", "lpm_trie", SrcRangeKey, ct.c_uint8, "LBD_SRC_RANGE_MAX"),
+        MapSpec(
+            "lbd_srcrange",
+            "lpm_trie",
+            SrcRangeKey,
+            ct.c_uint8,
+            "LBD_SRC_RANGE_MAX",
+            BPF_F_NO_PREALLOC,
+        ),
         MapSpec("lbd_sockrev", "lru_hash", SockRevKey, SockRevVal, "LBD_SOCK_REV_MAX"),
         MapSpec("lbd_config", "array", ct.c_uint32, ConfigVal, None),
-        MapSpec("lbd_svcnames", "hash", ct.c_uint32, SvcNameVal, "LBD_SERVICES_MAX"),
+        MapSpec(
+            "lbd_svcnames", "hash", ct.c_uint32, SvcNameVal, "LBD_SERVICES_MAX", BPF_F_NO_PREALLOC
+        ),
     )
 }
 
@@ -237,12 +257,6 @@ MAP_SPECS: dict[str, MapSpec] = {
 
 def family_of(ip: str) -> int:
     return FAMILY_V6 if ":" in ip else FAMILY_V4
-
-
-def addr_bytes(ip: str) -> bytes:
-    """16 bytes: an IPv4 address in the first 4 (network order), zero padded."""
-    packed = ipaddress.ip_address(ip).packed
-    return packed + bytes(16 - len(packed))
 
 
 def encode_addr(ip: str) -> ct.Array:
@@ -263,8 +277,9 @@ def _addr_text(raw: bytes, family: int) -> str:
 
 
 def htons(port: int) -> int:
-    """A port as the C side stores it (__be16) read back as a native u16."""
-    return int.from_bytes(port.to_bytes(2, "big"), "little")
+    """A port as the C side stores it (__be16) read back as a native u16 (a byte swap:
+    the hosts lbd runs on are little-endian)."""
+    return ((port & 0xFF) << 8) | ((port >> 8) & 0xFF)
 
 
 ntohs = htons
@@ -506,4 +521,165 @@ def encode_ct_val(e: CtEntry) -> CtVal:
         e.flags,
         0,
         e.last_seen_ns,
+    )
+
+
+# --- raw bytes -------------------------------------------------------------------------------
+# The same layouts as the ctypes mirrors, packed and unpacked with `struct` (several times
+# faster per entry than building ctypes objects): what the batched map reads and writes of
+# the loader use. tests/unit/test_ebpf_maps_raw.py checks them against the ctypes encoders.
+
+SVC_KEY = struct.Struct("=16sHHBBBB")
+SVC_VAL = struct.Struct("=IIIIHH")
+BACKEND_VAL = struct.Struct("=16sHBB")
+REV_NAT_VAL = struct.Struct("=16sHBB")
+U32 = struct.Struct("=I")
+AFF_MATCH_KEY = struct.Struct("=II")
+CT_KEY = struct.Struct("=16s16sHHBBBB")
+CT_VAL = struct.Struct("=16s16sHHIIHHQ")
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def addr_bytes(ip: str) -> bytes:
+    """16 bytes: an IPv4 address in the first 4 (network order), zero padded."""
+    try:
+        if ":" in ip:
+            return socket.inet_pton(socket.AF_INET6, ip)
+        return socket.inet_pton(socket.AF_INET, ip) + bytes(12)
+    except OSError:
+        # what inet_pton refuses (an IPv6 scope id; or garbage, for which ipaddress
+        # raises the ValueError callers expect)
+        packed = ipaddress.ip_address(ip).packed
+        return packed + bytes(16 - len(packed))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes]:
+    """A frontend's key bytes before and after the slot (which sits in the middle)."""
+    whole = SVC_KEY.pack(addr_bytes(fe.addr), htons(fe.port), 0, fe.proto, fe.family, fe.scope, 0)
+    return whole[:18], whole[20:]
+
+
+_SLOT = struct.Struct("=H")
+_SLOT_VAL = struct.Struct("=I16x")  # a backend slot: backend_id, the rest zero
+
+
+def pack_svc_keys(keys: Iterable[tuple[Frontend, int]]) -> bytes:
+    """Service map keys back to back; consecutive keys of one frontend (a plan writes a
+    frontend's slots together) share its packed address."""
+    parts: list[bytes] = []
+    last: Frontend | None = None
+    pre = post = b""
+    pack_slot = _SLOT.pack
+    for fe, slot in keys:
+        if fe is not last:
+            pre, post = svc_key_parts(fe)
+            last = fe
+        parts += (pre, pack_slot(slot), post)
+    return b"".join(parts)
+
+
+def pack_svc_vals(values: Iterable[ServiceValue]) -> bytes:
+    pack, pack_slot, zeros = SVC_VAL.pack, _SLOT_VAL.pack, (0, 0, 0, 0, 0)
+    return b"".join([pack_slot(v[0]) if v[1:] == zeros else pack(*v) for v in values])
+
+
+def pack_svc_key(fe: Frontend, slot: int) -> bytes:
+    return SVC_KEY.pack(addr_bytes(fe.addr), htons(fe.port), slot, fe.proto, fe.family, fe.scope, 0)
+
+
+def pack_svc_val(v: ServiceValue) -> bytes:
+    return SVC_VAL.pack(*v)
+
+
+def pack_backend(b: Backend) -> bytes:
+    return BACKEND_VAL.pack(addr_bytes(b.addr), htons(b.port), b.family, b.flags)
+
+
+def pack_backends(values: Iterable[Backend]) -> bytes:
+    pack, addr = BACKEND_VAL.pack, addr_bytes
+    return b"".join([pack(addr(a), ((p & 0xFF) << 8) | (p >> 8), f, fl) for a, p, f, fl in values])
+
+
+def pack_rev_nat(r: RevNat) -> bytes:
+    return REV_NAT_VAL.pack(addr_bytes(r.addr), htons(r.port), r.family, 0)
+
+
+def pack_maglev(table: tuple[int, ...] | list[int], table_size: int) -> bytes:
+    if len(table) != table_size:
+        raise ValueError(f"a Maglev table has {table_size} slots, not {len(table)}")
+    return array.array("I", table).tobytes()
+
+
+def pack_svc_name(name: str) -> bytes:
+    return name.encode()[: SVC_NAME_LEN - 1].ljust(SVC_NAME_LEN, b"\0")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _frontend(raw_addr: bytes, port: int, proto: int, family: int, scope: int) -> Frontend:
+    # cached: the backend slots of one frontend decode to the same Frontend
+    return Frontend(_addr_text(raw_addr, family), ntohs(port), proto, family, scope)
+
+
+def unpack_services(
+    keys: bytes, values: bytes
+) -> Iterator[tuple[tuple[Frontend, int], ServiceValue]]:
+    for (addr, port, slot, proto, family, scope, _), val in zip(
+        SVC_KEY.iter_unpack(keys), SVC_VAL.iter_unpack(values), strict=True
+    ):
+        yield (_frontend(addr, port, proto, family, scope), slot), ServiceValue._make(val)
+
+
+def unpack_u32_keys(keys: bytes) -> list[int]:
+    return [k for (k,) in U32.iter_unpack(keys)]
+
+
+def unpack_backends(values: bytes) -> list[Backend]:
+    return [
+        Backend(_addr_text(addr, family), ntohs(port), family, flags)
+        for addr, port, family, flags in BACKEND_VAL.iter_unpack(values)
+    ]
+
+
+def unpack_rev_nats(values: bytes) -> list[RevNat]:
+    return [
+        RevNat(_addr_text(addr, family), ntohs(port), family)
+        for addr, port, family, _ in REV_NAT_VAL.iter_unpack(values)
+    ]
+
+
+def unpack_svc_names(values: bytes) -> list[str]:
+    n = SVC_NAME_LEN
+    return [
+        values[i : i + n].split(b"\0", 1)[0].decode(errors="replace")
+        for i in range(0, len(values), n)
+    ]
+
+
+def unpack_maglev_ids(values: bytes, table_size: int) -> list[frozenset[int]]:
+    n = 4 * table_size
+    return [frozenset(array.array("I", values[i : i + n])) for i in range(0, len(values), n)]
+
+
+def unpack_ct(keys: bytes, values: bytes) -> dict[CtTuple, CtEntry]:
+    out = {}
+    for (sa, da, sp, dp, proto, fam, d, _), (a, a2, p, p2, rid, bid, fl, _, seen) in zip(
+        CT_KEY.iter_unpack(keys), CT_VAL.iter_unpack(values), strict=True
+    ):
+        key = CtTuple(_addr_text(sa, fam), _addr_text(da, fam), ntohs(sp), ntohs(dp), proto, fam, d)
+        addr2 = _addr_text(a2, fam) if any(a2) else ""
+        out[key] = CtEntry(_addr_text(a, fam), addr2, ntohs(p), ntohs(p2), rid, bid, fl, seen)
+    return out
+
+
+def pack_ct_key(t: CtTuple) -> bytes:
+    return CT_KEY.pack(
+        addr_bytes(t.saddr),
+        addr_bytes(t.daddr),
+        htons(t.sport),
+        htons(t.dport),
+        t.proto,
+        t.family,
+        t.dir,
+        0,
     )

@@ -9,13 +9,16 @@ and removes everything on cleanup. The programs and the map layouts live in bpf_
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
+from prometheus_client import Gauge
 
 from backends.base import FrontendStatus, HostUnsupported, SyncResult
 from backends.ebpf import conntrack
@@ -26,7 +29,14 @@ from backends.ebpf.loader import (
     ensure_cgroup2,
     netns_cookie,
 )
-from backends.ebpf.plan import BACKENDS, FrontendCache, MapView, PlanOptions, plan
+from backends.ebpf.plan import (
+    BACKENDS,
+    FrontendCache,
+    MapView,
+    PlanOptions,
+    check_capacity,
+    plan,
+)
 from bpf_lb import bpfsys
 from bpf_lb.maglev import DEFAULT_TABLE_SIZE
 from bpf_lb.maps import (
@@ -39,6 +49,12 @@ from lbd.config import ProxyConfig
 from lbd.model.state import ProxyState
 
 log = structlog.get_logger("lbd.backends.ebpf")
+
+# Fill levels, as Cilium's bpf_map_pressure: a map that fills refuses the next state.
+MAP_ENTRIES = Gauge("lbd_bpf_map_entries", "Entries in one of lbd's BPF maps", ["map"])
+MAP_PRESSURE = Gauge(
+    "lbd_bpf_map_pressure", "Fill level of one of lbd's BPF maps (entries / max_entries)", ["map"]
+)
 
 DEFAULT_BPFFS = "/sys/fs/bpf/lbd/default"
 DEFAULT_CGROUP = "/run/lbd/cgroupv2"
@@ -213,9 +229,14 @@ class EbpfBackend:
 
     def sync(self, state: ProxyState, full: bool) -> SyncResult:
         started = time.monotonic()
-        with self._lock:
+        timings: dict[str, int] = {}
+        with self._lock, _gc_paused():
             fresh = not self.datapath.loaded
-            self.start()
+            if fresh:
+                # Compiling and loading the programs is a start-up cost, reported apart
+                # from the map work (BCC's compile alone takes seconds).
+                self.start()
+                timings["load_ms"] = _ms_since(started)
             reread = full or self._view is None
             if reread and not fresh:
                 # a full sync also restores what someone removed behind lbd's back
@@ -223,10 +244,13 @@ class EbpfBackend:
             elif self.pod_devices:
                 self.datapath.attach_tc(self.devices, self.pod_devices)
             if reread:
+                t = time.monotonic()
                 self._view = self.datapath.read_view()
                 self._synced = None
+                timings["read_ms"] = _ms_since(t)
             view = self._view
             assert view is not None
+            t = time.monotonic()
             p = plan(
                 state,
                 view,
@@ -234,25 +258,37 @@ class EbpfBackend:
                 previous=self._synced,
                 cache=self._frontends,
             )
+            timings["plan_ms"] = _ms_since(t)
+            # Nothing is written when the result would not fit: the datapath keeps the
+            # state it has, whole, and the error says which map and which flag.
+            detail = p.counts()
+            check_capacity(view, p.ops, self.datapath.capacity(), detail)
+            t = time.monotonic()
             try:
-                for op in p.ops:
-                    self.datapath.apply(op)
-                    view.apply(op)
+                timings["syscalls"] = self.datapath.apply_ops(p.ops, view)
             except Exception:
                 self._view = None  # the kernel is somewhere between two states
                 self._synced = None
                 raise
+            timings["write_ms"] = _ms_since(t)
             self._synced = state
-            detail = p.counts()
             backends_removed = any(op.map == BACKENDS and op.is_delete for op in p.ops)
             slots_changed = detail.get("lbd_services_write", 0) + detail.get(
                 "lbd_services_delete", 0
             )
             if backends_removed or slots_changed or reread:
                 detail["conntrack_deleted"] = self._clean_udp(view)
-            detail["elapsed_ms"] = int((time.monotonic() - started) * 1000)
+            self._export_fill(view)
+            detail.update(timings)
+            detail["elapsed_ms"] = _ms_since(started)
         self._start_gc()
         return SyncResult(full=reread, changed_service_ports=p.changed_service_ports, detail=detail)
+
+    def _export_fill(self, view: MapView) -> None:
+        capacity = self.datapath.capacity()
+        for name, n in view.counts().items():
+            MAP_ENTRIES.labels(name).set(n)
+            MAP_PRESSURE.labels(name).set(n / capacity[name] if capacity.get(name) else 0.0)
 
     def _clean_udp(self, view: MapView) -> int:
         try:
@@ -272,11 +308,23 @@ class EbpfBackend:
                 return {}
             entries = self.datapath.ct_entries()
             ct_n = self.datapath.ct_delete(conntrack.expired(entries, now_ns, self.ct_timeouts))
+            ct_left = len(entries) - ct_n
             timeouts = {}
-            for (_fe, slot), v in (self._view or MapView()).services.items():
-                if slot == 0 and v.affinity_timeout:
-                    timeouts[v.svc_id] = v.affinity_timeout * 1_000_000_000
-            aff_n = self.datapath.affinity_delete_idle(timeouts, now_ns)
+            # only services with affinity have members (lbd_aff_match): no walk of them all
+            ix = (self._view or MapView()).index()
+            for sid in ix.aff_by_sid:
+                for fe in ix.sid_fes.get(sid, ()):
+                    head = ix.fe_slots[fe][0]
+                    if head.affinity_timeout:
+                        timeouts[sid] = head.affinity_timeout * 1_000_000_000
+            aff_n, aff_left = self.datapath.affinity_delete_idle(timeouts, now_ns)
+        capacity = self.datapath.sizes
+        for name, n, cap in (
+            ("lbd_ct", ct_left, capacity.conntrack),
+            ("lbd_affinity", aff_left, capacity.affinity),
+        ):
+            MAP_ENTRIES.labels(name).set(n)
+            MAP_PRESSURE.labels(name).set(n / cap)
         self.gc_stats["runs"] += 1
         self.gc_stats["ct_expired"] += ct_n
         self.gc_stats["affinity_expired"] += aff_n
@@ -381,6 +429,24 @@ class EbpfBackend:
             self.datapath.close()
             self._view = None
             self._synced = None
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: a full sync at 10k services makes ~10^6 acyclic objects
+    (records, ops, packed entries), and the collections they trigger, each scanning all
+    that is alive, took longer than the sync's own work. Refcounting frees them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _ms_since(t: float) -> int:
+    return int((time.monotonic() - t) * 1000)
 
 
 def _read_pinned_view(dp: Datapath) -> MapView:

@@ -91,27 +91,35 @@ def expired(
 
 def frontend_backends(view: MapView) -> dict[int, set[tuple[str, int]]]:
     """rev-NAT id → the backend addresses its frontend entries (both scopes) list."""
-    heads = {fe: v for (fe, slot), v in view.services.items() if slot == 0}
-    out: dict[int, set[tuple[str, int]]] = {}
-    for fe, head in heads.items():
-        found = out.setdefault(head.rev_nat_id, set())
-        for i in range(1, head.count + 1):
-            slot = view.services.get((fe, i))
+    return {rid: _rid_backends(view, rid) for rid in view.index().rid_fes}
+
+
+def _rid_backends(view: MapView, rid: int) -> set[tuple[str, int]]:
+    ix = view.index()
+    found: set[tuple[str, int]] = set()
+    for fe in ix.rid_fes.get(rid, ()):
+        slots = ix.fe_slots.get(fe, {})
+        head = slots.get(0)
+        for i in range(1, (head.count if head else 0) + 1):
+            slot = slots.get(i)
             b = view.backends.get(slot.backend_id) if slot else None
             if b is not None:
                 found.add((b.addr, b.port))
-    return out
+    return found
 
 
 def stale_udp(entries: Mapping[CtTuple, CtEntry], view: MapView) -> list[CtTuple]:
     """UDP entries whose backend is no longer one of its frontend's (or whose frontend is
     gone): deleting them lets the client's next datagram pick a live backend."""
-    live = frontend_backends(view)
+    live: dict[int, set[tuple[str, int]]] = {}  # only the frontends UDP flows name
     out = []
     for key, val in entries.items():
         if key.proto != PROTO_UDP:
             continue
+        backends = live.get(val.rev_nat_id)
+        if backends is None:
+            backends = live[val.rev_nat_id] = _rid_backends(view, val.rev_nat_id)
         backend = (val.addr, val.port) if key.dir == CT_FORWARD else (key.saddr, key.sport)
-        if backend not in live.get(val.rev_nat_id, ()):
+        if backend not in backends:
             out.append(key)
     return sorted(out)

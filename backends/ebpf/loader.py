@@ -73,6 +73,7 @@ TC_INGRESS = "ffff:fff2"
 TC_EGRESS_PARENT = "ffff:fff3"
 
 _MAP_TYPES = {"hash": 1, "array": 2, "lru_hash": 9, "lpm_trie": 11}
+_FLAGS_COMPARED = maps.BPF_F_NO_PREALLOC  # a pin created with other flags is recreated
 SO_NETNS_COOKIE = 71
 
 
@@ -82,10 +83,16 @@ class LoaderError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class MapSizes:
-    """max_entries of lbd's maps (memory: the LRU maps are preallocated)."""
+    """max_entries of lbd's maps (memory: the LRU maps are preallocated; the others
+    allocate per entry, so their limits cost nothing until used).
 
-    services: int = 65536  # frontend heads + backend slots
-    backends: int = 65536
+    The defaults hold 10k service ports with 10 endpoints each twice over: the services
+    map takes 1 + endpoints entries per frontend (cluster IP, each node port address,
+    external and load-balancer IP), the backends map one per distinct endpoint.
+    """
+
+    services: int = 262144  # frontend heads + backend slots
+    backends: int = 262144
     rev_nat: int = 65536
     maglev: int = 4096  # Maglev tables (only with lb_algorithm=maglev)
     affinity: int = 65536
@@ -286,8 +293,15 @@ class Datapath:
                 ct.sizeof(spec.key),
                 ct.sizeof(self._value_type(spec)),
                 self._max_entries(spec),
+                spec.flags,
             )
-            have = (info.type, info.key_size, info.value_size, info.max_entries)
+            have = (
+                info.type,
+                info.key_size,
+                info.value_size,
+                info.max_entries,
+                info.flags & _FLAGS_COMPARED,
+            )
             if have != want:
                 log.warning("recreating pinned map", map=spec.name, have=have, want=want)
                 path.unlink()
@@ -503,98 +517,170 @@ class Datapath:
     def table(self, name: str) -> Any:
         return self._tables[name]
 
+    def _fd(self, name: str) -> int:
+        t = self._tables[name]
+        return t.fd if isinstance(t, bpfsys.PinnedMap) else t.map_fd
+
+    def _sizes(self, name: str) -> tuple[int, int]:
+        spec = maps.MAP_SPECS[name]
+        return ct.sizeof(spec.key), ct.sizeof(self._value_type(spec))
+
+    def dump(self, name: str) -> tuple[bytes, bytes]:
+        """Every entry of a map as packed (keys, values), in batches where possible."""
+        ks, vs = self._sizes(name)
+        return bpfsys.map_dump(self._fd(name), ks, vs)
+
     def items(self, name: str) -> list[tuple[Any, Any]]:
-        """Every entry of a map; batched (two syscalls per ~thousand entries instead of
-        two per entry) where the map type and the table object allow it."""
-        table = self._tables[name]
-        batch = getattr(table, "items_lookup_batch", None)
-        if batch is not None and maps.MAP_SPECS[name].kind in ("hash", "lru_hash"):
-            try:
-                # scalar keys come back as Python ints from a batch: give them the same
-                # shape as the one-by-one path (ctypes instances with .value)
-                key_type = maps.MAP_SPECS[name].key
-                return [(key_type(k) if isinstance(k, int) else k, v) for k, v in batch()]
-            except Exception:  # noqa: BLE001 - old kernel or BCC: one by one
-                pass
-        return list(table.items())
+        """Every entry of a map as ctypes (key, value) pairs."""
+        spec = maps.MAP_SPECS[name]
+        key_type, value_type = spec.key, self._value_type(spec)
+        ks, vs = self._sizes(name)
+        keys, values = self.dump(name)
+        return [
+            (
+                key_type.from_buffer_copy(keys, i * ks),
+                value_type.from_buffer_copy(values, i * vs),
+            )
+            for i in range(len(keys) // ks)
+        ]
 
     def read_view(self) -> MapView:
         """What the control-plane maps hold now."""
         v = MapView()
-        for k, val in self.items(SERVICES):
-            fe, slot = maps.decode_svc_key(k)
-            v.services[(fe, slot)] = maps.decode_svc_val(val)
-        v.backends = {k.value: maps.decode_backend(b) for k, b in self.items(BACKENDS)}
-        v.rev_nat = {k.value: maps.decode_rev_nat(r) for k, r in self.items(REV_NAT)}
-        v.maglev = {k.value: maps.decode_maglev_ids(t) for k, t in self.items(MAGLEV)}
-        v.aff_match = {(k.backend_id, k.svc_id) for k in self.table(AFF_MATCH)}
+        v.services = dict(maps.unpack_services(*self.dump(SERVICES)))
+        keys, values = self.dump(BACKENDS)
+        v.backends = dict(
+            zip(maps.unpack_u32_keys(keys), maps.unpack_backends(values), strict=True)
+        )
+        keys, values = self.dump(REV_NAT)
+        v.rev_nat = dict(zip(maps.unpack_u32_keys(keys), maps.unpack_rev_nats(values), strict=True))
+        keys, values = self.dump(MAGLEV)
+        tables = maps.unpack_maglev_ids(values, self.maglev_table_size)
+        v.maglev = dict(zip(maps.unpack_u32_keys(keys), tables, strict=True))
+        keys, _ = self.dump(AFF_MATCH)
+        v.aff_match = set(maps.AFF_MATCH_KEY.iter_unpack(keys))
         v.src_ranges = {maps.decode_src_range(k) for k in self.table(SRC_RANGE)}
-        v.svc_names = {k.value: maps.decode_svc_name(n) for k, n in self.items(SVC_NAMES)}
+        keys, values = self.dump(SVC_NAMES)
+        v.svc_names = dict(
+            zip(maps.unpack_u32_keys(keys), maps.unpack_svc_names(values), strict=True)
+        )
         cfg = self.table(CONFIG)[ct.c_uint32(0)]
         v.config = maps.decode_config(cfg) if any(bytes(cfg)) else None
         return v
 
     def apply(self, op: Op) -> None:
         """Perform one planned write (deleting something already gone is not an error)."""
-        t = self.table(op.map)
-        key, value = self._encode(op)
-        if value is None:
-            with contextlib.suppress(KeyError):
-                del t[key]
+        self.apply_ops([op])
+
+    def apply_ops(self, ops: Sequence[Op], view: MapView | None = None) -> int:
+        """Perform planned writes in their order, each run of writes (or deletions) to one
+        map in one batched syscall; record each run in `view` once it is in. Returns the
+        number of syscalls made. Raises bpfsys.MapFullError when a map has no room (the
+        runs before it are in, and recorded)."""
+        calls = 0
+        i, n = 0, len(ops)
+        while i < n:
+            name, delete = ops[i].map, ops[i].value is None
+            j = i + 1
+            while j < n and ops[j].map == name and (ops[j].value is None) == delete:
+                j += 1
+            run = ops[i:j]
+            calls += self._write_run(name, delete, run)
+            if view is not None:
+                view.apply_all(run)
+            i = j
+        return calls
+
+    def _write_run(self, name: str, delete: bool, run: Sequence[Op]) -> int:
+        if name in (SRC_RANGE, CONFIG):  # an LPM trie and an array: few entries, one by one
+            t = self.table(name)
+            for op in run:
+                key, value = self._encode(op)
+                if value is None:
+                    with contextlib.suppress(KeyError):
+                        del t[key]
+                else:
+                    t[key] = value
+            return len(run)
+        ks, vs = self._sizes(name)
+        if name == SERVICES:
+            keys = maps.pack_svc_keys([op[1] for op in run])
         else:
-            t[key] = value
+            keys = b"".join([self._pack_key(name, op.key) for op in run])
+        fd = self._fd(name)
+        if delete:
+            bpfsys.map_delete(fd, keys, ks)
+            return 1
+        if name == SERVICES:
+            values = maps.pack_svc_vals([op[2] for op in run])
+        elif name == BACKENDS:
+            values = maps.pack_backends([op[2] for op in run])
+        else:
+            values = b"".join([self._pack_value(name, op.value) for op in run])
+        try:
+            return bpfsys.map_update(fd, keys, values, ks, vs)
+        except bpfsys.MapFullError as e:
+            limit = self._max_entries(maps.MAP_SPECS[name])
+            raise bpfsys.MapFullError(
+                e.errno, f"{name} is full ({limit} entries): {e.strerror}"
+            ) from e
+
+    def _pack_key(self, name: str, key: Any) -> bytes:
+        if name == SERVICES:
+            return maps.pack_svc_key(*key)
+        if name == AFF_MATCH:
+            return maps.AFF_MATCH_KEY.pack(*key)
+        return maps.U32.pack(key)
+
+    def _pack_value(self, name: str, value: Any) -> bytes:
+        if name == SERVICES:
+            return maps.SVC_VAL.pack(*value)
+        if name == BACKENDS:
+            return maps.pack_backend(value)
+        if name == REV_NAT:
+            return maps.pack_rev_nat(value)
+        if name == MAGLEV:
+            return maps.pack_maglev(value, self.maglev_table_size)
+        if name == SVC_NAMES:
+            return maps.pack_svc_name(value)
+        if name == AFF_MATCH:
+            return b"\x01"
+        raise ValueError(f"unknown map {name}")
 
     def _encode(self, op: Op) -> tuple[Any, Any]:
         delete = op.value is None
-        if op.map == SERVICES:
-            fe, slot = op.key
-            return maps.encode_svc_key(fe, slot), None if delete else maps.encode_svc_val(op.value)
-        if op.map == BACKENDS:
-            return ct.c_uint32(op.key), None if delete else maps.encode_backend(op.value)
-        if op.map == REV_NAT:
-            return ct.c_uint32(op.key), None if delete else maps.encode_rev_nat(op.value)
-        if op.map == MAGLEV:
-            val = None if delete else maps.encode_maglev(op.value, self.maglev_table_size)
-            return ct.c_uint32(op.key), val
-        if op.map == AFF_MATCH:
-            return maps.AffMatchKey(*op.key), None if delete else ct.c_uint8(1)
         if op.map == SRC_RANGE:
             return maps.encode_src_range(op.key), None if delete else ct.c_uint8(1)
-        if op.map == SVC_NAMES:
-            return ct.c_uint32(op.key), None if delete else maps.encode_svc_name(op.value)
         if op.map == CONFIG:
             value = maps.encode_config(op.value) if op.value is not None else maps.ConfigVal()
             return ct.c_uint32(0), value
-        raise ValueError(f"unknown map {op.map}")
+        raise ValueError(f"{op.map} is written in batches")
+
+    def capacity(self) -> dict[str, int]:
+        """max_entries of the control-plane maps."""
+        return {
+            name: self._max_entries(maps.MAP_SPECS[name])
+            for name in (SERVICES, BACKENDS, REV_NAT, MAGLEV, AFF_MATCH, SRC_RANGE, SVC_NAMES)
+        }
 
     def ct_entries(self) -> dict[maps.CtTuple, maps.CtEntry]:
-        out = {}
-        for k, v in self.items("lbd_ct"):
-            out[maps.decode_ct_key(k)] = maps.decode_ct_val(v, k.family)
-        return out
+        return maps.unpack_ct(*self.dump("lbd_ct"))
 
     def ct_delete(self, keys: Iterable[maps.CtTuple]) -> int:
-        t = self.table("lbd_ct")
-        n = 0
-        for key in keys:
-            with contextlib.suppress(KeyError):
-                del t[maps.encode_ct_key(key)]
-                n += 1
-        return n
+        raw = b"".join([maps.pack_ct_key(k) for k in keys])
+        ks, _ = self._sizes("lbd_ct")
+        return bpfsys.map_delete(self._fd("lbd_ct"), raw, ks)
 
-    def affinity_delete_idle(self, max_idle_ns: dict[int, int], now_ns: int) -> int:
+    def affinity_delete_idle(self, max_idle_ns: dict[int, int], now_ns: int) -> tuple[int, int]:
         """Delete affinity entries idle longer than their service's timeout (svc id →
-        timeout in ns; entries of unknown svc ids go too)."""
-        t = self.table("lbd_affinity")
+        timeout in ns; entries of unknown svc ids go too). Returns (deleted, left)."""
+        entries = self.items("lbd_affinity")
         doomed = [
-            k
-            for k, v in self.items("lbd_affinity")
-            if now_ns - v.last_used_ns > max_idle_ns.get(k.svc_id, 0)
+            bytes(k) for k, v in entries if now_ns - v.last_used_ns > max_idle_ns.get(k.svc_id, 0)
         ]
-        for k in doomed:
-            with contextlib.suppress(KeyError):
-                del t[k]
-        return len(doomed)
+        ks, _ = self._sizes("lbd_affinity")
+        bpfsys.map_delete(self._fd("lbd_affinity"), b"".join(doomed), ks)
+        return len(doomed), len(entries) - len(doomed)
 
     def maps_intact(self) -> bool:
         return all((self.pin_dir / name).exists() for name in maps.MAP_SPECS)

@@ -3,7 +3,9 @@
 Compiles bpf_lb/ with BCC into a private bpffs directory (nothing is attached anywhere)
 and compares every key/value struct BCC derived from lb.h with bpf_lb.maps' mirror,
 field by field; then checks that a second load re-opens the pinned maps (content kept)
-and that a pin whose layout changed (another Maglev table size) is recreated.
+and that a pin whose layout changed (another Maglev table size) is recreated; that
+batched writes, reads and deletions round-trip; and that a state too big for the maps is
+refused whole, with the map named.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from backends.base import HostUnsupported
 from backends.ebpf import check_host
 from backends.ebpf.loader import Datapath, MapSizes
-from backends.ebpf.plan import BACKENDS, Op
+from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op
 from bpf_lb import bpfsys, maps
 
 try:
@@ -132,3 +134,66 @@ def test_pinned_maps_are_readopted_and_incompatible_ones_recreated(pin_dir: Path
     assert '"port":' in out.stdout and '"family":4' in out.stdout.replace(" ", "")
     Datapath(pin_dir).unpin()
     assert not pin_dir.exists()
+
+
+def test_batched_writes_reads_and_deletes_round_trip(pin_dir: Path) -> None:
+    dp = Datapath(pin_dir, maglev_table_size=251, sizes=SMALL)
+    dp.load()
+    try:
+        fe = maps.Frontend("10.96.0.10", 80, maps.PROTO_TCP, 4)
+        ops = [Op(BACKENDS, i, maps.Backend(f"10.244.1.{i}", 8080, 4)) for i in range(1, 201)]
+        ops += [Op(SERVICES, (fe, i), maps.ServiceValue(i)) for i in range(1, 201)]
+        ops.append(Op(SERVICES, (fe, 0), maps.ServiceValue(0, 1, 1, 0, 200, 0)))
+        view = MapView()
+        view.index()
+        dp.apply_ops(ops, view)
+        assert dp.read_view().services == view.services and len(view.services) == 201
+        assert dp.read_view().backends == view.backends
+        # deleting a mix of present and absent keys deletes the present ones
+        gone = [Op(BACKENDS, i) for i in (5, 999, 6, 1000, 7)]
+        dp.apply_ops(gone, view)
+        assert sorted(set(range(1, 201)) - set(dp.read_view().backends)) == [5, 6, 7]
+    finally:
+        dp.close()
+
+
+def test_a_full_map_is_reported_not_half_written(pin_dir: Path) -> None:
+    from backends.ebpf.backend import MAP_PRESSURE, EbpfBackend
+    from backends.ebpf.plan import MapCapacityError
+    from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
+    from lbd.model.state import ServicePortName as Name
+
+    def cluster(n: int) -> ProxyState:
+        ports = {}
+        for i in range(n):
+            eps = tuple(Endpoint(f"10.244.{i}.{j}", 8080) for j in range(1, 4))
+            sp = ServicePort(
+                Name("default", f"s{i}", "", Protocol.TCP),
+                IPFamily.V4,
+                f"10.96.0.{i + 1}",
+                80,
+                Protocol.TCP,
+                cluster_endpoints=eps,
+            )
+            ports[(sp.name, sp.family)] = sp
+        return ProxyState("node-1", ("192.168.0.10",), service_ports=ports)
+
+    # 8 service ports x (1 + 3 slots) = 32 service entries; 40 fit, 44 do not
+    sizes = MapSizes(services=40, backends=1024, rev_nat=1024, maglev=16, sock_rev=1024)
+    backend = EbpfBackend(cgroup=None, bpffs=str(pin_dir), gc_interval=0, map_sizes=sizes)
+    try:
+        backend.sync(cluster(8), full=True)
+        assert MAP_PRESSURE.labels("lbd_services")._value.get() == pytest.approx(32 / 40)
+        with pytest.raises(MapCapacityError, match="lbd_services needs 44 entries and holds 40"):
+            backend.sync(cluster(11), full=False)
+        # nothing of the refused state went in, and the next state that fits does
+        assert len(backend.datapath.read_view().services) == 32
+        backend.sync(cluster(9), full=False)
+        assert len(backend.datapath.read_view().services) == 36
+        # the kernel's own refusal (E2BIG) is an error naming the map, too
+        fe = maps.Frontend("10.96.9.9", 80, maps.PROTO_TCP, 4)
+        extra = [Op(SERVICES, (fe, i), maps.ServiceValue(1)) for i in range(1, 10)]
+        with pytest.raises(bpfsys.MapFullError, match="lbd_services is full"):
+            backend.datapath.apply_ops(extra)
+    finally:
+        backend.cleanup()

@@ -687,3 +687,115 @@ def test_an_incremental_plan_touches_only_the_changed_service_port() -> None:
     assert p.changed_service_ports == 1
     assert {op.key[0].addr for op in ops_on(p, SERVICES)} == {"10.96.1.10"}
     assert plan(after, apply_to_view(view, p.ops), PlanOptions()).ops == ()
+
+
+# --- scale: indexes, incremental work, capacity --------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(states(), min_size=1, max_size=5))
+def test_the_view_index_follows_every_write(seq: list[ProxyState]) -> None:
+    from backends.ebpf.plan import FrontendCache, _Index
+
+    cache, view, previous = FrontendCache(), MapView(), None
+    for s in seq:
+        view.index()  # maintained from here on by apply_all
+        p = plan(s, view, PlanOptions(), previous=previous, cache=cache)
+        view.apply_all(p.ops)
+        previous = s
+        fresh = _Index.build(view.copy())
+        for name in _Index.__slots__:
+            have, want = getattr(view.index(), name), getattr(fresh, name)
+            if name in ("backend_ids", "sid_names"):  # lists whose order does not matter
+                have = {k: sorted(v) for k, v in have.items()}
+                want = {k: sorted(v) for k, v in want.items()}
+            assert have == want, name
+
+
+def test_an_incremental_plan_builds_frontends_of_the_changed_port_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from backends.ebpf import plan as plan_module
+
+    many = [sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=EPS) for i in range(30)]
+    before = state(*many)
+    cache = plan_module.FrontendCache()
+    view = apply_to_view(MapView(), plan(before, MapView(), PlanOptions(), cache=cache).ops)
+    built: list[str] = []
+    real = plan_module.frontends_of
+    monkeypatch.setattr(
+        plan_module, "frontends_of", lambda sp, ips: built.append(sp.name.name) or real(sp, ips)
+    )
+    after = state(*many[:7], sport("s7", cluster_ip="10.96.1.7", endpoints=EPS[:1]), *many[8:])
+    p = plan(after, view, PlanOptions(), previous=before, cache=cache)
+    assert built == ["s7"]
+    assert {op.key[0].addr for op in ops_on(p, SERVICES)} == {"10.96.1.7"}
+    assert plan(after, apply_to_view(view, p.ops), PlanOptions()).ops == ()
+
+
+def test_a_port_taking_a_frontend_another_holds_is_planned_in_full() -> None:
+    from backends.ebpf.plan import FrontendCache
+
+    a = sport("a", cluster_ip="10.96.1.1", endpoints=EPS[:1])
+    b = sport("b", cluster_ip="10.96.1.2", endpoints=EPS[1:2])
+    before = state(a, b)
+    cache = FrontendCache()
+    view = apply_to_view(MapView(), plan(before, MapView(), PlanOptions(), cache=cache).ops)
+    # "a" moves onto b's address: the first port (by name) wins the frontend
+    after = state(sport("a", cluster_ip="10.96.1.2", endpoints=EPS[:1]), b)
+    p = plan(after, view, PlanOptions(), previous=before, cache=cache)
+    view = apply_to_view(view, p.ops)
+    assert addrs(view, fe("10.96.1.2")) == {"10.244.1.11:8080"}
+    assert (fe("10.96.1.1"), 0) not in view.services
+    assert plan(after, view, PlanOptions()).ops == ()
+    # and when "a" leaves it again, "b" gets it back
+    p = plan(before, view, PlanOptions(), previous=after, cache=cache)
+    view = apply_to_view(view, p.ops)
+    assert addrs(view, fe("10.96.1.2")) == {"10.244.1.12:8080"}
+    assert plan(before, view, PlanOptions()).ops == ()
+
+
+def test_changed_service_ports_in_and_out_of_step() -> None:
+    from backends.ebpf.plan import changed_service_ports
+
+    ports = [sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=EPS) for i in range(4)]
+    before = state(*ports)
+    edited = sport("s2", cluster_ip="10.96.1.2", endpoints=EPS[:1])
+    assert changed_service_ports(before, state(*ports[:2], edited, ports[3])) == {edited.key}
+    # another order, one gone, one new: the general path
+    added = sport("s9", cluster_ip="10.96.1.9")
+    assert changed_service_ports(before, state(ports[3], added, *ports[:2])) == {
+        ports[2].key,
+        added.key,
+    }
+    assert changed_service_ports(before, before) == set()
+
+
+def test_ids_wrap_around_to_free_ones() -> None:
+    from backends.ebpf.plan import _MAX_ID, _Ids
+
+    held = {1, 2, 4}
+    ids = _Ids(held.__contains__, high_water=_MAX_ID - 2)
+    assert [ids.take() for _ in range(4)] == [_MAX_ID - 1, _MAX_ID, 3, 5]
+
+
+def test_a_plan_too_big_for_the_maps_is_refused_with_the_map_named() -> None:
+    from backends.ebpf.plan import MapCapacityError, check_capacity, entries_needed
+
+    s = state(sport(endpoints=EPS, node_port=30080))
+    p = plan(s, MapView(), PlanOptions())
+    need = entries_needed(MapView(), p.ops)
+    # cluster IP + node port on the node's IPv4 address: 2 frontends x (1 + 3 slots)
+    assert need[SERVICES] == 8 and need[BACKENDS] == 3
+    roomy = {SERVICES: 8, BACKENDS: 3, REV_NAT: 2, SVC_NAMES: 1, MAGLEV: 0}
+    check_capacity(MapView(), p.ops, roomy, p.counts())
+    with pytest.raises(MapCapacityError) as e:
+        check_capacity(MapView(), p.ops, {**roomy, SERVICES: 7}, p.counts())
+    assert e.value.needs == {SERVICES: 8} and e.value.capacity == {SERVICES: 7}
+    assert "lbd_services needs 8 entries and holds 7" in str(e.value)
+    assert "--bpf-lb-map-max" in str(e.value)
+    # replacing entries needs no room for the ones that go: only new keys count
+    _, view = applied(s)
+    p2 = plan(state(sport(endpoints=(EPS[0], ep("10.244.9.9")), node_port=30080)), view)
+    assert entries_needed(view, p2.ops)[BACKENDS] == 4
+    check_capacity(view, p2.ops, {**roomy, BACKENDS: 4}, p2.counts())

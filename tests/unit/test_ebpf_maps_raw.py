@@ -1,0 +1,105 @@
+"""The packed-bytes map codecs (bpf_lb.maps pack_*/unpack_*) against the ctypes mirrors.
+
+The loader writes and reads maps as packed bytes for speed; the ctypes encoders are the
+layouts a kernel test checks against the C structs. Both must give the same bytes, and
+reading back must give the records that were written.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bpf_lb import maps
+from bpf_lb.maps import (
+    FAMILY_V4,
+    FAMILY_V6,
+    PROTO_TCP,
+    PROTO_UDP,
+    SCOPE_EXT,
+    SCOPE_INT,
+    Backend,
+    CtEntry,
+    CtTuple,
+    Frontend,
+    RevNat,
+    ServiceValue,
+)
+
+FRONTENDS = [
+    Frontend("10.96.0.10", 80, PROTO_TCP, FAMILY_V4),
+    Frontend("192.168.0.10", 30080, PROTO_UDP, FAMILY_V4, SCOPE_INT),
+    Frontend("fd00:10:96::a", 443, PROTO_TCP, FAMILY_V6, SCOPE_EXT),
+    Frontend("255.255.255.255", 65535, PROTO_TCP, FAMILY_V4),
+]
+
+
+@pytest.mark.parametrize("fe", FRONTENDS, ids=str)
+@pytest.mark.parametrize("slot", [0, 1, 7, 65535])
+def test_service_keys(fe: Frontend, slot: int) -> None:
+    packed = maps.pack_svc_key(fe, slot)
+    assert packed == bytes(maps.encode_svc_key(fe, slot))
+    assert maps.pack_svc_keys([(fe, slot)]) == packed
+
+
+def test_service_keys_of_several_frontends_in_a_row() -> None:
+    keys = [(fe, slot) for fe in FRONTENDS for slot in range(3)] + [(FRONTENDS[0], 9)]
+    assert maps.pack_svc_keys(keys) == b"".join(bytes(maps.encode_svc_key(*k)) for k in keys)
+
+
+VALUES = [
+    ServiceValue(backend_id=7),
+    ServiceValue(0, 3, 4, 60, 10, 0x1FF),
+    ServiceValue(2**32 - 1, 0, 1, 0, 0, 0),  # not a plain slot value: packed in full
+]
+
+
+def test_service_values_round_trip() -> None:
+    packed = maps.pack_svc_vals(VALUES)
+    assert packed == b"".join(bytes(maps.encode_svc_val(v)) for v in VALUES)
+    keys = maps.pack_svc_keys([(FRONTENDS[i % 4], i) for i in range(len(VALUES))])
+    assert [v for _, v in maps.unpack_services(keys, packed)] == VALUES
+    assert [k for k, _ in maps.unpack_services(keys, packed)] == [
+        (FRONTENDS[i % 4], i) for i in range(len(VALUES))
+    ]
+
+
+@pytest.mark.parametrize(
+    "b", [Backend("10.244.1.11", 8080, FAMILY_V4, 1), Backend("fd00::1", 53, FAMILY_V6)], ids=str
+)
+def test_backends_and_rev_nat(b: Backend) -> None:
+    assert maps.pack_backend(b) == bytes(maps.encode_backend(b))
+    assert maps.unpack_backends(maps.pack_backend(b)) == [b]
+    r = RevNat(b.addr, b.port, b.family)
+    assert maps.pack_rev_nat(r) == bytes(maps.encode_rev_nat(r))
+    assert maps.unpack_rev_nats(maps.pack_rev_nat(r)) == [r]
+
+
+def test_names_and_maglev_tables() -> None:
+    name = "default/web:http/tcp/v4#cluster"
+    assert maps.pack_svc_name(name) == bytes(maps.encode_svc_name(name))
+    assert maps.unpack_svc_names(maps.pack_svc_name(name) * 2) == [name, name]
+    table = [1, 2, 3, 2, 1, 3, 3]
+    assert maps.pack_maglev(table, 7) == bytes(maps.encode_maglev(table, 7))
+    assert maps.unpack_maglev_ids(maps.pack_maglev(table, 7), 7) == [frozenset({1, 2, 3})]
+    with pytest.raises(ValueError):
+        maps.pack_maglev(table, 11)
+
+
+def test_conntrack_round_trip() -> None:
+    key = CtTuple("10.0.0.1", "10.96.0.10", 40000, 80, PROTO_UDP, FAMILY_V4, maps.CT_FORWARD)
+    val = CtEntry("10.244.1.11", "", 8080, 0, 3, 4, maps.CT_SEEN_REPLY, 123456789)
+    raw_key = maps.pack_ct_key(key)
+    assert raw_key == bytes(maps.encode_ct_key(key))
+    assert maps.unpack_ct(raw_key, bytes(maps.encode_ct_val(val))) == {key: val}
+
+
+def test_addresses_are_parsed_strictly() -> None:
+    assert maps.addr_bytes("10.1.2.3") == bytes([10, 1, 2, 3]) + bytes(12)
+    for bad in ("10.1.2", "010.1.2.3", "10.1.2.3 ", "not-an-ip", "1::2::3"):
+        with pytest.raises(ValueError):
+            maps.addr_bytes(bad)
+
+
+def test_backends_in_bulk() -> None:
+    bs = [Backend("10.244.1.11", 8080, FAMILY_V4, 1), Backend("fd00::1", 53, FAMILY_V6)]
+    assert maps.pack_backends(bs) == b"".join(bytes(maps.encode_backend(b)) for b in bs)
