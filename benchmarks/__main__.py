@@ -2,8 +2,9 @@
 
 Owns the command line, the order of the runs and the clean-up guarantees: every
 netfilter program runs in a scratch namespace deleted afterwards (also on Ctrl-C or
-SIGTERM), and the API server subprocess is always stopped. Today this is the
-control-plane part (benchmarks.control_plane); a data-plane part will slot in beside it.
+SIGTERM), and the API server subprocess is always stopped. Two parts: the control plane
+(benchmarks.control_plane: how fast rules are programmed) and the data plane
+(benchmarks.data_plane: traffic through them), both by default.
 
 Needs root (network namespaces): ``sudo venv/bin/python -m benchmarks --quick``.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import HostUnsupported
-from benchmarks import control_plane, report
+from benchmarks import control_plane, data_plane, report
 from benchmarks.machine import load_average, machine_info
 from benchmarks.namespaces import install_signal_handlers, scratch_netns, sweep_orphans
 from benchmarks.workload import Workload
@@ -30,6 +31,7 @@ DEFAULT_SERVICES = (100, 1000, 10000)
 QUICK_SERVICES = (100, 1000)
 DEFAULT_CHANGES = 100
 QUICK_CHANGES = 20
+PARTS = ("control", "data")
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,14 +46,41 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _size_list(text: str) -> list[int]:
+    """Like _int_list, but 0 is allowed: "no other services" is the data plane's baseline."""
+    try:
+        values = sorted({int(v.replace("_", "")) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError("sizes must be >= 0")
+    return values
+
+
 def _mode_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _part_list(text: str) -> list[str]:
+    parts = _mode_list(text)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"parts are {', '.join(PARTS)}; got {text!r}")
+    return parts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Control-plane benchmarks of lbd's proxy modes (needs root).",
+        description="Control- and data-plane benchmarks of lbd's proxy modes (needs root).",
+    )
+    parser.add_argument(
+        "--part",
+        type=_part_list,
+        default=list(PARTS),
+        help="control, data or control,data (default both)",
     )
     parser.add_argument("--modes", type=_mode_list, default=["iptables"], help="e.g. iptables,ebpf")
     parser.add_argument(
@@ -79,8 +108,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{control_plane.NFT_DEFAULT_MAX_SERVICES} services, with --quick up to "
         f"{control_plane.NFT_QUICK_MAX_SERVICES})",
     )
+    data = parser.add_argument_group("data plane")
+    data.add_argument(
+        "--other-services",
+        type=_size_list,
+        default=None,
+        help="services installed beside the benchmark's own, comma-separated "
+        f"(default {','.join(map(str, data_plane.DEFAULT_SIZES))}; "
+        f"--quick: {','.join(map(str, data_plane.QUICK_SIZES))})",
+    )
+    data.add_argument(
+        "--rounds", type=int, default=None, help="rounds over every test and path (default 3)"
+    )
+    data.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="length of one tool run in seconds (default 3; --quick: 1)",
+    )
+    data.add_argument(
+        "--connections",
+        type=int,
+        default=data_plane.Settings().connections,
+        help="wrk's concurrent connections for the new-connection rate",
+    )
+    data.add_argument(
+        "--latency-connections",
+        type=int,
+        default=data_plane.Settings().latency_connections,
+        help="wrk's kept-alive connections for the latency test",
+    )
+    data.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="clients on CPU 0, servers on CPU 1 (taskset); off by default",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/out/<time>")
     args = parser.parse_args(argv)
+    defaults = data_plane.Settings.quick() if args.quick else data_plane.Settings()
+    args.data_settings = data_plane.Settings(
+        sizes=tuple(args.other_services or defaults.sizes),
+        endpoints_per_service=args.endpoints_per_service,
+        rounds=args.rounds or defaults.rounds,
+        seconds=args.seconds or defaults.seconds,
+        connections=args.connections,
+        latency_connections=args.latency_connections,
+        pin_cpus=args.pin_cpus,
+    )
+    if min(args.connections, args.latency_connections) < 1 or args.data_settings.seconds < 1:
+        parser.error("--connections and --latency-connections must be >= 1, --seconds >= 1")
     if args.services is None:
         args.services = list(QUICK_SERVICES if args.quick else DEFAULT_SERVICES)
     if args.changes is None:
@@ -98,14 +174,9 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Every measurement, appended to `results` and saved after each cluster size."""
+    """Every part asked for; results are saved after each step."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    targets, skipped = control_plane.select_targets(
-        args.modes, args.iptables_variant, quick=args.quick
-    )
-    for s in skipped:
-        _log(f"skipping {s.target}: {s.reason}")
     with scratch_netns() as ns:
         machine = machine_info(ns)
     results: dict[str, Any] = {
@@ -113,6 +184,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "command": command,
         "machine": machine,
         "config": {
+            "parts": args.part,
             "modes": args.modes,
             "services": args.services,
             "endpoints_per_service": args.endpoints_per_service,
@@ -120,22 +192,44 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "repeats": args.repeats,
             "quick": args.quick,
             "iptables_variant": args.iptables_variant,
-            "targets": [
-                {
-                    "target": t.label,
-                    "mode": t.mode,
-                    "variant": t.variant,
-                    "max_services": t.max_services,
-                }
-                for t in targets
-            ],
+            "targets": [],
         },
-        "skipped": [{"target": s.target, "reason": s.reason} for s in skipped],
+        "skipped": [],
         "not_run": [],
         "failed": [],
         "build": [],
         "sync": [],
     }
+    if "control" in args.part:
+        run_control(args, results)
+    if "data" in args.part:
+        _log("data plane")
+        data_plane.run(
+            args.modes,
+            args.iptables_variant,
+            args.data_settings,
+            quick=args.quick,
+            results=results,
+            save=lambda: report.write_json(results, out),
+            log=_log,
+        )
+    results["machine"]["load_average_end"] = load_average()
+    return results
+
+
+def run_control(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The control-plane part: every size, every target; saved after each size."""
+    out: Path = args.out
+    targets, skipped = control_plane.select_targets(
+        args.modes, args.iptables_variant, quick=args.quick
+    )
+    for s in skipped:
+        _log(f"skipping {s.target}: {s.reason}")
+    results["config"]["targets"] = [
+        {"target": t.label, "mode": t.mode, "variant": t.variant, "max_services": t.max_services}
+        for t in targets
+    ]
+    results["skipped"] = [{"target": s.target, "reason": s.reason} for s in skipped]
     dropped: set[control_plane.Target] = set()
     for services in args.services:
         workload = Workload(services, args.endpoints_per_service)
@@ -199,8 +293,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             report.write_json(results, out)
         del snapshot
         report.write_json(results, out)
-    results["machine"]["load_average_end"] = load_average()
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.write_all(results, args.out)
     _log(f"results in {args.out}")
     print(markdown)
-    if results["failed"]:
-        _log(f"{len(results['failed'])} measurement(s) failed; see results.md")
+    failed = len(results["failed"]) + len(results.get("data_plane", {}).get("failed", []))
+    if failed:
+        _log(f"{failed} measurement(s) failed; see results.md")
         return 1
     return 0
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import report_data
+
 JSON = dict[str, Any]
 
 # The issue's targets, all at 10,000 services x 10 endpoints.
@@ -21,7 +23,7 @@ TARGET_FULL_SYNC_S = 1.5
 TARGET_CHANGE_P99_S = 0.150
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("full_sync.png", "change_p99.png", "build_cpu.png")
+PLOTS = ("full_sync.png", "change_p99.png", "build_cpu.png")  # the control plane's
 
 
 def _rounded(value: Any) -> Any:
@@ -244,11 +246,15 @@ def target_checks(results: JSON) -> list[JSON]:
     return checks
 
 
+def has_control(results: JSON) -> bool:
+    """Whether the run measured the control plane (runs before --part existed did)."""
+    return "control" in results.get("config", {}).get("parts", ["control"])
+
+
 def markdown(results: JSON) -> str:
     machine = results.get("machine", {})
-    cfg = results.get("config", {})
     lines = [
-        "# lbd control-plane benchmark",
+        "# lbd benchmarks",
         "",
         f"Command: `{results.get('command', '')}`",
         "",
@@ -261,19 +267,32 @@ def markdown(results: JSON) -> str:
         + f"; {machine.get('date')}; load average at start "
         f"{machine.get('load_average_start')}, at end {machine.get('load_average_end')}.",
         "",
+    ]
+    if has_control(results):
+        lines += control_markdown(results)
+    if "data_plane" in results:
+        lines += report_data.markdown(results["data_plane"])
+    return "\n".join(lines)
+
+
+def control_markdown(results: JSON) -> list[str]:
+    cfg = results.get("config", {})
+    lines = [
+        "## Control plane",
+        "",
         f"Workload: {cfg.get('endpoints_per_service')} endpoints per service, "
         f"{cfg.get('changes')} single-service changes per size, full syncs: median of "
         f"{cfg.get('repeats')} fresh namespaces.",
         "",
-        "## Summary",
+        "### Summary",
         "",
         *summary_table(results),
         "",
-        "## State build (list over HTTP + build_state; client CPU only)",
+        "### State build (list over HTTP + build_state; client CPU only)",
         "",
         *build_table(results),
         "",
-        "## Where the time goes",
+        "### Where the time goes",
         "",
         "Full sync: the median run; change: medians over the partial-sync changes. "
         "Tool times are wall times of the external programs (each through "
@@ -290,7 +309,7 @@ def markdown(results: JSON) -> str:
     checks = target_checks(results)
     if checks:
         lines += [
-            "## Targets",
+            "### Targets",
             "",
             *_table(
                 ["target", "measured", "met"],
@@ -300,17 +319,17 @@ def markdown(results: JSON) -> str:
         ]
     failed = results.get("failed", [])
     if failed:
-        lines += ["## Failed", ""]
+        lines += ["### Failed", ""]
         lines += [f"- {f['target']} at {f['services']:,} services: {f['error']}" for f in failed]
         lines.append("")
     skipped = results.get("skipped", [])
     not_run = results.get("not_run", [])
     if skipped or not_run:
-        lines += ["## Skipped", ""]
+        lines += ["### Skipped", ""]
         lines += [f"- {s['target']}: {s['reason']}" for s in skipped]
         lines += [f"- {s['target']} at {s['services']:,} services: {s['reason']}" for s in not_run]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +446,10 @@ def write_all(results: JSON, out: Path) -> str:
     write_json(results, out)
     text = markdown(results)
     (out / "results.md").write_text(text)
-    write_plots(results, out)
+    if has_control(results):
+        write_plots(results, out)
+    if "data_plane" in results:
+        report_data.write_plots(results["data_plane"], out)
     return text
 
 

@@ -2,8 +2,9 @@
 
 Nothing here looks at how fast anything is (numbers come from benchmark runs, never from
 tests); it checks that `python -m benchmarks` still runs end to end against the current
-model and backends, that its files have the shape readers and tooling expect, and that
-it leaves no network namespace behind.
+model and backends, both parts (control plane and data plane), that its files have the
+shape readers and tooling expect, that every requested mode was measured or skipped with
+a reason, and that it leaves no network namespace behind.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import control_plane, report  # noqa: E402
+from benchmarks import control_plane, data_plane, report, report_data  # noqa: E402
 from benchmarks.namespaces import PREFIX  # noqa: E402
 
 
@@ -43,12 +44,51 @@ def _leaked_namespaces() -> set[str]:
     return leaked
 
 
+def check_data_plane(results: dict, markdown: str, out: Path, modes: list[str]) -> list[str]:
+    """The data-plane section is well formed; returns the labels of the measured targets.
+
+    Every requested mode is either measured (a run per size, every test on every path,
+    numbers > 0, a ratio to the direct path for each load-balanced path) or listed as
+    skipped with a reason; nothing failed."""
+    dp = results["data_plane"]
+    cfg = dp["config"]
+    assert dp["failed"] == [], dp["failed"]
+    assert cfg["tools"] and all(isinstance(v, str) and v for v in cfg["tools"].values())
+    assert {s["target"] for s in dp["skipped_tests"]} | set(cfg["tests"]) == set(data_plane.TESTS)
+    assert all(s["reason"] for s in dp["skipped"] + dp["skipped_tests"])
+    measured = {t["label"] for t in cfg["targets"]}
+    skipped = {s["target"] for s in dp["skipped"]}
+    for mode in modes:
+        assert any(label.startswith(mode) for label in measured | skipped), mode
+    for target in cfg["targets"]:
+        sizes = {r["services"] for r in dp["runs"] if r["target"] == target["label"]}
+        not_run = {n["services"] for n in dp["not_run"] if n["target"] == target["label"]}
+        assert sizes | not_run == set(cfg["sizes"]), target
+    for run in dp["runs"]:
+        assert run["failures"] == [], run["failures"]
+        assert run["daemon"]["start_to_synced_s"] > 0
+        for test in cfg["tests"]:
+            for path in ("pod", "clusterip", "pod-from-external", "nodeport"):
+                samples = run["samples"][test][path]
+                assert len(samples) == cfg["rounds"] and all(samples), (test, path)
+                assert all(_positive(v) for v in run["summary"][test][path].values()), (test, path)
+            for path in ("clusterip", "nodeport"):
+                assert all(_positive(v) for v in run["ratios"][test][path].values()), (test, path)
+        row = rf"^\| {re.escape(run['target'])} \| {run['services']:,} \| [\d,]+/s \| [\d,]+/s \|"
+        assert re.search(row, markdown, re.MULTILINE), run["target"]
+    assert "## Data plane" in markdown
+    for name in report_data.PLOTS:
+        assert (out / name).read_bytes().startswith(report.PNG_SIGNATURE), name
+    return sorted({r["target"] for r in dp["runs"]})
+
+
 @pytest.mark.kernel
+@pytest.mark.timeout(900)
 def test_quick_run_writes_wellformed_results(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     argv = [sys.executable, "-m", "benchmarks", "--quick", "--modes", "iptables"]
     argv += ["--services", "100", "--changes", "5", "--out", str(out)]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     results = json.loads((out / "results.json").read_text())
@@ -89,6 +129,34 @@ def test_quick_run_writes_wellformed_results(tmp_path: Path) -> None:
         data = (out / name).read_bytes()
         assert data.startswith(report.PNG_SIGNATURE), name
 
+    measured = check_data_plane(results, markdown, out, ["iptables"])
+    assert "iptables-legacy" in measured
+    assert "## Data plane" in proc.stdout
+    assert not _leaked_namespaces()
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
+def test_quick_data_plane_measures_both_ebpf_paths_and_skips_what_the_host_lacks(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "benchmarks", "--quick", "--part", "data"]
+    argv += ["--modes", "ebpf,ipvs", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["build"] == [] and results["sync"] == []  # --part data only
+    markdown = (out / "results.md").read_text()
+    measured = check_data_plane(results, markdown, out, ["ebpf", "ipvs"])
+    dp = results["data_plane"]
+    skipped = {s["target"]: s["reason"] for s in dp["skipped"]}
+    # Each mode is measured or skipped with the host's reason (no IPVS on the dev kernel).
+    assert ("ipvs" in skipped) != any(t.startswith("ipvs") for t in measured)
+    if "ebpf" not in skipped:
+        assert {"ebpf-socket", "ebpf-tc"} <= set(measured)
+        maps = {r["target"]: r["bpf_map_entries"] for r in dp["runs"]}
+        assert maps["ebpf-socket"]["lbd_sockrev"] > 0 and maps["ebpf-tc"]["lbd_sockrev"] == 0
     assert not _leaked_namespaces()
 
 
