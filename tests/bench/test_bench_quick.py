@@ -86,8 +86,8 @@ def check_data_plane(results: dict, markdown: str, out: Path, modes: list[str]) 
 @pytest.mark.timeout(900)
 def test_quick_run_writes_wellformed_results(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    argv = [sys.executable, "-m", "benchmarks", "--quick", "--modes", "iptables"]
-    argv += ["--services", "100", "--changes", "5", "--out", str(out)]
+    argv = [sys.executable, "-m", "benchmarks", "--quick", "--part", "control,data"]
+    argv += ["--modes", "iptables", "--services", "100", "--changes", "5", "--out", str(out)]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
