@@ -4,7 +4,7 @@ Owns three measurements per cluster size, all on the same synthetic workload:
 - state build: the initial paginated list of Services, EndpointSlices and the Node by
   real Reflectors over HTTP, then `build_state` over the stores; wall time and the CPU of
   the benchmark process (the API server runs in a subprocess, so its CPU is not counted);
-  plus a rebuild after one object changed (the ParseCache hit path);
+  plus a rebuild after one object changed (StateBuilder told what changed, as in the daemon);
 - full sync: a backend programming the whole state into a fresh network namespace;
 - one-service changes: from a synced state, change one EndpointSlice, rebuild the state
   and sync it (partial, and full for comparison); the per-change wall time is what a
@@ -40,7 +40,7 @@ from benchmarks.namespaces import scratch_netns
 from benchmarks.workload import NODE_NAME, Workload, change_target, changed_slice, model_config
 from lbd.config import ProxyConfig
 from lbd.k8s import ENDPOINTSLICES, NODES, SERVICES, ApiClient, Reflector, Store
-from lbd.model.build import ParseCache, build_state, parse_node
+from lbd.model.build import Changes, ParseCache, StateBuilder, build_state, parse_node
 from lbd.model.parse import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
 from lbd.model.state import ProxyState
 from lbd.testing import netns
@@ -388,7 +388,7 @@ async def _list_and_build(url: str, token: str) -> tuple[JSON, Snapshot]:
 
 
 def _rebuild_after_one_change(snapshot: Snapshot, workload: Workload, k: int) -> JSON:
-    """Change one slice in the stores and rebuild with the warm cache (timed)."""
+    """Change one slice in the stores and rebuild incrementally, as the daemon does (timed)."""
     driver = ChangeDriver(snapshot, workload, first_change=k)
     gc.collect()
     start = _Clock.now()
@@ -454,6 +454,11 @@ class ChangeDriver:
         self._rv = 1 + max(
             int(self.services.resource_version or 0), int(self.slices.resource_version or 0)
         )
+        # The daemon's incremental builder, warmed by a full build (untimed) as the
+        # daemon's is by its first sync; then each build is told what changed.
+        self.builder = StateBuilder(self.config, self.cache)
+        self._changes: Changes | None = None
+        self.build()
 
     def apply_next_change(self) -> str:
         k = self.next_change
@@ -467,12 +472,13 @@ class ChangeDriver:
         self._rv += 1
         if not self.slices.apply("MODIFIED", new):
             raise RuntimeError(f"the store refused the change of {key}")
+        if self._changes is not None:
+            self._changes.slices.add(key)
         return kind
 
     def build(self) -> ProxyState:
-        state, rejected = build_state(
-            self.services.values(), self.slices.values(), self.node, self.config, self.cache
-        )
+        changes, self._changes = self._changes, Changes()
+        state, rejected = self.builder.build(self.services, self.slices, self.node, changes)
         if rejected:
             raise RuntimeError(f"{len(rejected)} objects rejected: {rejected[:3]}")
         return state

@@ -27,7 +27,7 @@ from lbd.health import HealthCheckServers, healthz_app, metrics_app, start_site
 from lbd.k8s import client as k8s_client
 from lbd.k8s.reflector import Reflector
 from lbd.k8s.store import Store
-from lbd.model.build import ModelConfig, ParseCache, Rejection, build_state, parse_node
+from lbd.model.build import Changes, ModelConfig, Rejection, StateBuilder, parse_node
 from lbd.model.parse import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
 from lbd.model.state import ProxyState
 from lbd.sync import SyncRunner
@@ -72,14 +72,17 @@ class Daemon:
         self.services = Store("Service")
         self.slices = Store("EndpointSlice")
         self.nodes = Store("Node", namespaced=False)
-        self._cache = ParseCache()
         self._rejected: set[Rejection] = set()
-        self._model_cfg = ModelConfig(
-            node_name=self.node_name,
-            cluster_cidrs=cfg.cluster_cidrs,
-            masquerade_all=cfg.masquerade_all,
-            nodeport_addresses=cfg.nodeport_addresses,
+        self._builder = StateBuilder(
+            ModelConfig(
+                node_name=self.node_name,
+                cluster_cidrs=cfg.cluster_cidrs,
+                masquerade_all=cfg.masquerade_all,
+                nodeport_addresses=cfg.nodeport_addresses,
+            )
         )
+        # What changed since the last build; None: unknown (start, relist) -> full build.
+        self._changes: Changes | None = None
         self.backend = create_backend(cfg)
         self.runner = SyncRunner(
             self.build,
@@ -96,9 +99,8 @@ class Daemon:
     def build(self) -> ProxyState:
         self._built_rv = max(s.last_event_rv for s in (self.services, self.slices, self.nodes))
         node = parse_node(self.nodes.get(self.node_name), self.node_name)
-        state, rejected = build_state(
-            self.services.values(), self.slices.values(), node, self._model_cfg, self._cache
-        )
+        changes, self._changes = self._changes, Changes()
+        state, rejected = self._builder.build(self.services, self.slices, node, changes)
         current = set(rejected)
         for rej in current - self._rejected:
             log.warning("object.rejected", kind=rej.kind, object=rej.ref, reason=rej.reason)
@@ -137,6 +139,14 @@ class Daemon:
 
     def _on_change(self, kind: str, key: str | None = None) -> None:
         changed_at = time.monotonic()
+        if key is None:
+            self._changes = None  # a relist: anything may have changed
+        elif self._changes is not None:
+            if kind == "Service":
+                self._changes.services.add(key)
+            elif kind == "EndpointSlice":
+                self._changes.slices.add(key)
+            # A Node change needs no key: the builder compares the parsed node itself.
         if kind == "Service":
             metrics.SERVICE_CHANGES.inc()
         elif kind == "EndpointSlice":

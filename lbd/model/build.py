@@ -1,8 +1,10 @@
-"""build_state: from the stores' raw objects to one frozen ProxyState (pure).
+"""From the stores' raw objects to one frozen ProxyState (pure: no I/O).
 
-Parsing results are cached per (kind, namespace/name, resourceVersion), so rebuilding the
-state after one change re-parses one object, not ten thousand. Rejected objects are
-reported back (with a reason) for logging and metrics; they never affect other services.
+`StateBuilder` keeps what it parsed and built, so that a rebuild after a change touches
+only the services that change concerns; `build_state` is the one-shot form. Parsing
+results are also cached per (kind, namespace/name, resourceVersion), so a full rebuild
+after a relist re-parses only the objects that changed. Rejected objects are reported
+back (with a reason) for logging and metrics; they never affect other services.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lbd.model.endpoints import categorize, merge_endpoints
 from lbd.model.parse import (
@@ -128,39 +130,111 @@ def build_state(
     config: ModelConfig,
     cache: ParseCache | None = None,
 ) -> tuple[ProxyState, list[Rejection]]:
-    with _gc_paused():
-        return _build_state(services, slices, node, config, cache)
+    """One ProxyState from lists of raw objects (a full build; see StateBuilder)."""
+    builder = StateBuilder(config, cache)
+    return builder.build(dict(enumerate(services)), dict(enumerate(slices)), node)
 
 
-def _build_state(
-    services: Iterable[dict[str, Any]],
-    slices: Iterable[dict[str, Any]],
-    node: NodeInfo,
-    config: ModelConfig,
-    cache: ParseCache | None,
-) -> tuple[ProxyState, list[Rejection]]:
-    cache = cache if cache is not None else ParseCache()
-    fresh: dict[tuple[str, str, str], Any] = {}
-    rejected: list[Rejection] = []
+class ObjectSource(Protocol):
+    """Raw objects by store key (a dict, or lbd.k8s.store.Store)."""
 
-    by_service: dict[tuple[str, str], list[ParsedEndpointSlice]] = defaultdict(list)
-    for obj in slices:
-        parsed = cache.parse("EndpointSlice", obj, parse_endpoint_slice, fresh)
-        if isinstance(parsed, Rejection):
-            rejected.append(parsed)
-        elif parsed is not None:
-            by_service[(parsed.namespace, parsed.service_name)].append(parsed)
+    def get(self, key: Any) -> dict[str, Any] | None: ...
 
-    ports: dict[tuple[ServicePortName, IPFamily], ServicePort] = {}
-    fresh_ports: dict[tuple[str, str], Any] = {}
-    for obj in services:
-        parsed = cache.parse("Service", obj, parse_service, fresh)
-        if isinstance(parsed, Rejection):
-            rejected.append(parsed)
-        elif parsed is not None:
-            key = (parsed.namespace, parsed.name)
-            its_slices = tuple(by_service.get(key, ()))
-            hit = cache.ports.get(key)
+    def items(self) -> Iterable[tuple[Any, dict[str, Any]]]: ...
+
+
+@dataclass(slots=True)
+class Changes:
+    """The store keys of the objects added, changed or deleted since the last build."""
+
+    services: set[Any] = field(default_factory=set)
+    slices: set[Any] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.services or self.slices)
+
+
+class StateBuilder:
+    """Builds ProxyStates, rebuilding only the services that changed when told which.
+
+    A full build walks every object (parsed objects are cached by resourceVersion, so a
+    relist re-parses only what changed). Given the Changes since the previous build, it
+    re-parses just those objects and rebuilds just the services they belong to: at
+    10,000 services a one-slice change costs well under a millisecond instead of a walk
+    over 20,000 objects (~120 ms). Both paths end in the same per-service function
+    (service_ports), so they cannot disagree about semantics.
+    """
+
+    def __init__(self, config: ModelConfig, cache: ParseCache | None = None) -> None:
+        self.config = config
+        self._cache = cache if cache is not None else ParseCache()
+        self._node: NodeInfo | None = None
+        self._services: dict[Any, ParsedService | Rejection | None] = {}
+        self._slices: dict[Any, ParsedEndpointSlice | Rejection | None] = {}
+        # (namespace, service name) -> its slices by store key; and its service ports.
+        self._slices_of: dict[tuple[str, str], dict[Any, ParsedEndpointSlice]] = {}
+        self._service_key: dict[tuple[str, str], Any] = {}
+        self._ports_of: dict[tuple[str, str], list[ServicePort]] = {}
+        self._ports: dict[tuple[ServicePortName, IPFamily], ServicePort] = {}
+
+    def build(
+        self,
+        services: ObjectSource,
+        slices: ObjectSource,
+        node: NodeInfo,
+        changes: Changes | None = None,
+    ) -> tuple[ProxyState, list[Rejection]]:
+        """The state of `services` and `slices`. `changes`: what changed since this
+        builder's previous build (None: unknown, build everything)."""
+        with _gc_paused():
+            if changes is None or node != self._node:
+                self._full(services, slices, node)
+            elif changes:
+                self._incremental(services, slices, changes)
+        rejected = [
+            r
+            for table in (self._slices, self._services)
+            for r in table.values()
+            if isinstance(r, Rejection)
+        ]
+        state = ProxyState(
+            node_name=self.config.node_name,
+            node_ips=node.ips,
+            zone=node.zone,
+            cluster_cidrs=self.config.cluster_cidrs,
+            masquerade_all=self.config.masquerade_all,
+            nodeport_addresses=self.config.nodeport_addresses,
+            # A copy: the previous state (which backends diff against) must not change.
+            service_ports=dict(self._ports),
+        )
+        return state, rejected
+
+    def _full(self, services: ObjectSource, slices: ObjectSource, node: NodeInfo) -> None:
+        cache = self._cache
+        fresh: dict[tuple[str, str, str], Any] = {}
+        self._node = node
+        self._slices = {}
+        self._slices_of = defaultdict(dict)
+        for key, obj in slices.items():
+            parsed = self._slices[key] = cache.parse(
+                "EndpointSlice", obj, parse_endpoint_slice, fresh
+            )
+            if isinstance(parsed, ParsedEndpointSlice):
+                self._slices_of[(parsed.namespace, parsed.service_name)][key] = parsed
+
+        self._services = {}
+        self._service_key = {}
+        self._ports_of = {}
+        ports: dict[tuple[ServicePortName, IPFamily], ServicePort] = {}
+        fresh_ports: dict[tuple[str, str], Any] = {}
+        for key, obj in services.items():
+            parsed = self._services[key] = cache.parse("Service", obj, parse_service, fresh)
+            if not isinstance(parsed, ParsedService):
+                continue
+            owner = (parsed.namespace, parsed.name)
+            self._service_key[owner] = key
+            its_slices = tuple(self._slices_of.get(owner, {}).values())
+            hit = cache.ports.get(owner)
             if (
                 hit is not None
                 and hit[0] is parsed
@@ -171,21 +245,58 @@ def _build_state(
                 built = hit[3]
             else:
                 built = service_ports(parsed, its_slices, node)
-            fresh_ports[key] = (parsed, its_slices, node, built)
+            fresh_ports[owner] = (parsed, its_slices, node, built)
+            self._ports_of[owner] = built
             for sp in built:
                 ports[(sp.name, sp.family)] = sp
-    cache.entries = fresh
-    cache.ports = fresh_ports
-    state = ProxyState(
-        node_name=config.node_name,
-        node_ips=node.ips,
-        zone=node.zone,
-        cluster_cidrs=config.cluster_cidrs,
-        masquerade_all=config.masquerade_all,
-        nodeport_addresses=config.nodeport_addresses,
-        service_ports=ports,
-    )
-    return state, rejected
+        cache.entries = fresh
+        cache.ports = fresh_ports
+        self._ports = ports
+
+    def _incremental(self, services: ObjectSource, slices: ObjectSource, changes: Changes) -> None:
+        affected: set[tuple[str, str]] = set()
+        for key in changes.slices:
+            old = self._slices.pop(key, None)
+            if isinstance(old, ParsedEndpointSlice):
+                owner = (old.namespace, old.service_name)
+                self._slices_of.get(owner, {}).pop(key, None)
+                affected.add(owner)
+            obj = slices.get(key)
+            if obj is None:
+                continue
+            parsed = self._slices[key] = _parse_one("EndpointSlice", obj, parse_endpoint_slice)
+            if isinstance(parsed, ParsedEndpointSlice):
+                owner = (parsed.namespace, parsed.service_name)
+                self._slices_of.setdefault(owner, {})[key] = parsed
+                affected.add(owner)
+        for key in changes.services:
+            old_svc = self._services.pop(key, None)
+            if isinstance(old_svc, ParsedService):
+                owner = (old_svc.namespace, old_svc.name)
+                self._service_key.pop(owner, None)
+                affected.add(owner)
+            obj = services.get(key)
+            if obj is None:
+                continue
+            parsed_svc = self._services[key] = _parse_one("Service", obj, parse_service)
+            if isinstance(parsed_svc, ParsedService):
+                owner = (parsed_svc.namespace, parsed_svc.name)
+                self._service_key[owner] = key
+                affected.add(owner)
+
+        ports = self._ports
+        node = self._node or NodeInfo(self.config.node_name)
+        for owner in affected:
+            for sp in self._ports_of.pop(owner, ()):
+                ports.pop((sp.name, sp.family), None)
+            svc = self._services.get(self._service_key.get(owner))
+            if isinstance(svc, ParsedService):
+                its_slices = tuple(self._slices_of.get(owner, {}).values())
+                built = self._ports_of[owner] = service_ports(svc, its_slices, node)
+                for sp in built:
+                    ports[(sp.name, sp.family)] = sp
+            if not self._slices_of.get(owner, True):
+                del self._slices_of[owner]
 
 
 _NO_ZONES: frozenset[str] = frozenset()

@@ -12,14 +12,22 @@ from lbd.model.state import Endpoint
 
 
 def merge_endpoints(copies: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
-    """De-duplicate endpoints listed in several slices: one per ip:port, ready wins."""
+    """De-duplicate endpoints listed in several slices: one per ip:port, ready wins.
+
+    The choice between copies does not depend on the order of the slices (ties are
+    broken on the copies' own fields), so incremental and full builds agree.
+    """
     best: dict[tuple[str, int], Endpoint] = {}
     for ep in copies:
         key = (ep.ip, ep.port)
         have = best.get(key)
-        if have is None or (ep.ready and not have.ready) or (ep.serving and not have.serving):
+        if have is None or _rank(ep) > _rank(have):
             best[key] = ep
     return tuple(best[key] for key in sorted(best))
+
+
+def _rank(ep: Endpoint) -> tuple[bool, bool, bool, str, tuple[str, ...]]:
+    return (ep.ready, ep.serving, not ep.terminating, ep.node_name, tuple(sorted(ep.zone_hints)))
 
 
 def _ready_else_terminating(
