@@ -18,7 +18,7 @@ import functools
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -621,13 +621,14 @@ def _frontend(raw_addr: bytes, port: int, proto: int, family: int, scope: int) -
     return Frontend(_addr_text(raw_addr, family), ntohs(port), proto, family, scope)
 
 
-def unpack_services(
-    keys: bytes, values: bytes
-) -> Iterator[tuple[tuple[Frontend, int], ServiceValue]]:
-    for (addr, port, slot, proto, family, scope, _), val in zip(
-        SVC_KEY.iter_unpack(keys), SVC_VAL.iter_unpack(values), strict=True
-    ):
-        yield (_frontend(addr, port, proto, family, scope), slot), ServiceValue._make(val)
+def unpack_services(keys: bytes, values: bytes) -> dict[tuple[Frontend, int], ServiceValue]:
+    fe, new = _frontend, tuple.__new__  # struct already made the value's tuple
+    return {
+        (fe(addr, port, proto, family, scope), slot): new(ServiceValue, val)
+        for (addr, port, slot, proto, family, scope, _), val in zip(
+            SVC_KEY.iter_unpack(keys), SVC_VAL.iter_unpack(values), strict=True
+        )
+    }
 
 
 def unpack_u32_keys(keys: bytes) -> list[int]:
@@ -670,6 +671,28 @@ def unpack_ct(keys: bytes, values: bytes) -> dict[CtTuple, CtEntry]:
         addr2 = _addr_text(a2, fam) if any(a2) else ""
         out[key] = CtEntry(_addr_text(a, fam), addr2, ntohs(p), ntohs(p2), rid, bid, fl, seen)
     return out
+
+
+def filter_ct(
+    keys: bytes, values: bytes, udp_only: bool, rev_nat_ids: set[int] | None
+) -> tuple[bytes, bytes]:
+    """The packed conntrack entries that are UDP (if asked) and name one of
+    `rev_nat_ids` (if given), still packed."""
+    ks, vs = CT_KEY.size, CT_VAL.size
+    proto_at = CtKey.proto.offset
+    rid = struct.Struct("=I")
+    rid_at = CtVal.rev_nat_id.offset
+    kept_k, kept_v = [], []
+    for i in range(len(keys) // ks):
+        if udp_only and keys[i * ks + proto_at] != PROTO_UDP:
+            continue
+        if rev_nat_ids is not None:
+            (r,) = rid.unpack_from(values, i * vs + rid_at)
+            if r not in rev_nat_ids:
+                continue
+        kept_k.append(keys[i * ks : (i + 1) * ks])
+        kept_v.append(values[i * vs : (i + 1) * vs])
+    return b"".join(kept_k), b"".join(kept_v)
 
 
 def pack_ct_key(t: CtTuple) -> bytes:

@@ -31,8 +31,10 @@ from backends.ebpf.loader import (
 )
 from backends.ebpf.plan import (
     BACKENDS,
+    SERVICES,
     FrontendCache,
     MapView,
+    Op,
     PlanOptions,
     check_capacity,
     plan,
@@ -263,6 +265,9 @@ class EbpfBackend:
             # state it has, whole, and the error says which map and which flag.
             detail = p.counts()
             check_capacity(view, p.ops, self.datapath.capacity(), detail)
+            # the frontends whose slots change, by rev-NAT id (before and after): only
+            # their UDP flows can have lost their backend
+            touched = None if reread else self._touched_rev_nat_ids(view, p.ops)
             t = time.monotonic()
             try:
                 timings["syscalls"] = self.datapath.apply_ops(p.ops, view)
@@ -272,12 +277,14 @@ class EbpfBackend:
                 raise
             timings["write_ms"] = _ms_since(t)
             self._synced = state
+            if touched is not None:
+                touched |= self._touched_rev_nat_ids(view, p.ops)
             backends_removed = any(op.map == BACKENDS and op.is_delete for op in p.ops)
             slots_changed = detail.get("lbd_services_write", 0) + detail.get(
                 "lbd_services_delete", 0
             )
             if backends_removed or slots_changed or reread:
-                detail["conntrack_deleted"] = self._clean_udp(view)
+                detail["conntrack_deleted"] = self._clean_udp(view, touched)
             self._export_fill(view)
             detail.update(timings)
             detail["elapsed_ms"] = _ms_since(started)
@@ -290,9 +297,21 @@ class EbpfBackend:
             MAP_ENTRIES.labels(name).set(n)
             MAP_PRESSURE.labels(name).set(n / capacity[name] if capacity.get(name) else 0.0)
 
-    def _clean_udp(self, view: MapView) -> int:
+    @staticmethod
+    def _touched_rev_nat_ids(view: MapView, ops: Sequence[Op]) -> set[int]:
+        fe_slots = view.index().fe_slots
+        out = set()
+        for fe in {op.key[0] for op in ops if op.map == SERVICES}:
+            head = fe_slots.get(fe, {}).get(0)
+            if head is not None:
+                out.add(head.rev_nat_id)
+        return out
+
+    def _clean_udp(self, view: MapView, rev_nat_ids: set[int] | None = None) -> int:
+        """Delete UDP conntrack entries whose backend left their frontend (of the given
+        rev-NAT ids only, when the caller knows which frontends changed)."""
         try:
-            entries = self.datapath.ct_entries()
+            entries = self.datapath.ct_entries(udp_only=True, rev_nat_ids=rev_nat_ids)
             return self.datapath.ct_delete(conntrack.stale_udp(entries, view))
         except Exception as e:  # noqa: BLE001 - the maps are in; a later sync retries
             log.warning("UDP conntrack cleanup failed", error=str(e))

@@ -547,7 +547,7 @@ class Datapath:
     def read_view(self) -> MapView:
         """What the control-plane maps hold now."""
         v = MapView()
-        v.services = dict(maps.unpack_services(*self.dump(SERVICES)))
+        v.services = maps.unpack_services(*self.dump(SERVICES))
         keys, values = self.dump(BACKENDS)
         v.backends = dict(
             zip(maps.unpack_u32_keys(keys), maps.unpack_backends(values), strict=True)
@@ -663,8 +663,16 @@ class Datapath:
             for name in (SERVICES, BACKENDS, REV_NAT, MAGLEV, AFF_MATCH, SRC_RANGE, SVC_NAMES)
         }
 
-    def ct_entries(self) -> dict[maps.CtTuple, maps.CtEntry]:
-        return maps.unpack_ct(*self.dump("lbd_ct"))
+    def ct_entries(
+        self, *, udp_only: bool = False, rev_nat_ids: set[int] | None = None
+    ) -> dict[maps.CtTuple, maps.CtEntry]:
+        """The conntrack map, decoded; optionally only UDP entries and only those of some
+        frontends (rev-NAT ids), filtered before decoding: a busy node has 100k entries,
+        and a one-service sync must not decode them all."""
+        keys, values = self.dump("lbd_ct")
+        if udp_only or rev_nat_ids is not None:
+            keys, values = maps.filter_ct(keys, values, udp_only, rev_nat_ids)
+        return maps.unpack_ct(keys, values)
 
     def ct_delete(self, keys: Iterable[maps.CtTuple]) -> int:
         raw = b"".join([maps.pack_ct_key(k) for k in keys])

@@ -746,9 +746,8 @@ def _backend_of(ep: Endpoint, family: int) -> Backend | None:
     return _backend(ep.ip, ep.port, family, ep.is_local)
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _backend(ip: str, port: int, family: int, local: bool) -> Backend | None:
-    # cached: 100k endpoints come back on every full sync
+    # not cached: FrontendCache keeps each service port's backends while it is unchanged
     addr = _canonical(ip, family)
     if addr is None or not 0 < port < 65536:
         return None

@@ -202,6 +202,4 @@ def test_churn_soak(env: LbdEnv, soak_duration: float) -> None:
             with pytest.raises(RequestError):
                 tcp_request(pod, vip(i), port, timeout=0.5)
     # Checked last so that every other property is still asserted when it fails.
-    if memory_growth and env.mode == "ebpf":
-        pytest.xfail(f"known defect: the ebpf daemon's memory grows under churn {memory_growth}")
     assert not memory_growth, memory_growth

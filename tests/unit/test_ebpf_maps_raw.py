@@ -57,8 +57,8 @@ def test_service_values_round_trip() -> None:
     packed = maps.pack_svc_vals(VALUES)
     assert packed == b"".join(bytes(maps.encode_svc_val(v)) for v in VALUES)
     keys = maps.pack_svc_keys([(FRONTENDS[i % 4], i) for i in range(len(VALUES))])
-    assert [v for _, v in maps.unpack_services(keys, packed)] == VALUES
-    assert [k for k, _ in maps.unpack_services(keys, packed)] == [
+    assert list(maps.unpack_services(keys, packed).values()) == VALUES
+    assert list(maps.unpack_services(keys, packed)) == [
         (FRONTENDS[i % 4], i) for i in range(len(VALUES))
     ]
 
@@ -103,3 +103,16 @@ def test_addresses_are_parsed_strictly() -> None:
 def test_backends_in_bulk() -> None:
     bs = [Backend("10.244.1.11", 8080, FAMILY_V4, 1), Backend("fd00::1", 53, FAMILY_V6)]
     assert maps.pack_backends(bs) == b"".join(bytes(maps.encode_backend(b)) for b in bs)
+
+
+def test_conntrack_filter_keeps_udp_of_the_given_frontends() -> None:
+    def entry(proto: int, rid: int, sport: int) -> tuple[CtTuple, CtEntry]:
+        key = CtTuple("10.0.0.1", "10.96.0.10", sport, 53, proto, FAMILY_V4, maps.CT_FORWARD)
+        return key, CtEntry("10.244.1.11", "", 53, 0, rid, 4, 0, 1)
+
+    entries = [entry(PROTO_UDP, 3, 1), entry(PROTO_TCP, 3, 2), entry(PROTO_UDP, 4, 3)]
+    keys = b"".join(maps.pack_ct_key(k) for k, _ in entries)
+    values = b"".join(bytes(maps.encode_ct_val(v)) for _, v in entries)
+    assert maps.unpack_ct(*maps.filter_ct(keys, values, True, None)) == dict(entries[0::2])
+    assert maps.unpack_ct(*maps.filter_ct(keys, values, True, {4})) == dict(entries[2:])
+    assert maps.unpack_ct(*maps.filter_ct(keys, values, False, {3})) == dict(entries[:2])
