@@ -770,23 +770,35 @@ def _changed_keys(previous: ProxyState, state: ProxyState) -> list[object]:
     old, new = previous.service_ports, state.service_ports
     if old is new:
         return []
-    if len(old) == len(new):
-        # States built one after the other keep their keys in the same order and share
-        # the unchanged ServicePort objects: walking both in step costs no hashing of
-        # (dataclass) keys at all. Anything else takes the general path below.
-        diff = []
-        for (ka, a), (kb, b) in zip(old.items(), new.items(), strict=True):
-            if a is b:
-                continue
-            if ka != kb:
-                break
-            if a != b:
-                diff.append(ka)
+    # States built one after the other share the ServicePort objects of unchanged ports
+    # and keep them in the same relative order (a rebuilt port may move, e.g. to the
+    # end). Walk both in step by identity, stepping over an item that is only in one of
+    # them; whatever does not pair up is a candidate, looked up by key. No dataclass key
+    # is hashed for the thousands of ports that did not change.
+    ov, nv = list(old.values()), list(new.values())
+    ok, nk = list(old), list(new)
+    candidates: list[object] = []
+    i = j = 0
+    n_old, n_new = len(ov), len(nv)
+    while i < n_old and j < n_new:
+        if ov[i] is nv[j]:
+            i += 1
+            j += 1
+        elif i + 1 < n_old and ov[i + 1] is nv[j]:
+            candidates.append(ok[i])  # gone from here (removed, or moved on)
+            i += 1
+        elif j + 1 < n_new and ov[i] is nv[j + 1]:
+            candidates.append(nk[j])  # new here (added, or moved here)
+            j += 1
         else:
-            return diff
+            candidates += (ok[i], nk[j])  # changed in place (or shuffled)
+            i += 1
+            j += 1
+    candidates += ok[i:]
+    candidates += nk[j:]
     out = []
-    for key in old.keys() | new.keys():
-        a, b = old.get(key), new.get(key)
+    for key in dict.fromkeys(candidates):
+        a, b = old.get(key), new.get(key)  # type: ignore[call-overload]
         if a is b:
             continue
         if a is None or b is None or a != b:

@@ -799,3 +799,35 @@ def test_a_plan_too_big_for_the_maps_is_refused_with_the_map_named() -> None:
     p2 = plan(state(sport(endpoints=(EPS[0], ep("10.244.9.9")), node_port=30080)), view)
     assert entries_needed(view, p2.ops)[BACKENDS] == 4
     check_capacity(view, p2.ops, {**roomy, BACKENDS: 4}, p2.counts())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_changed_service_ports_match_a_key_by_key_comparison(data: st.DataObject) -> None:
+    from backends.ebpf.plan import changed_service_ports
+
+    ports = [sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=EPS) for i in range(8)]
+    new = list(ports)
+    for _ in range(data.draw(st.integers(0, 4))):
+        what = data.draw(st.sampled_from(["edit", "remove", "add", "to-end", "shuffle"]))
+        if not new and what != "add":
+            continue
+        i = data.draw(st.integers(0, max(len(new) - 1, 0)))
+        if what == "edit":
+            new[i] = sport(new[i].name.name, cluster_ip=new[i].cluster_ip, endpoints=EPS[:1])
+        elif what == "remove":
+            del new[i]
+        elif what == "add":
+            new.append(sport(f"n{len(new)}", cluster_ip="10.96.2.1"))
+        elif what == "to-end":
+            new.append(new.pop(i))
+        else:
+            new = data.draw(st.permutations(new))
+    before, after = state(*ports), state(*new)
+    brute = {
+        sp.key
+        for k in before.service_ports.keys() | after.service_ports.keys()
+        if (sp := before.service_ports.get(k) or after.service_ports[k])
+        and before.service_ports.get(k) != after.service_ports.get(k)
+    }
+    assert changed_service_ports(before, after) == brute
