@@ -882,6 +882,7 @@ def plan(
     want_backends: dict[int, Backend] = {}
     view_backends: dict[str, list[int]] = {}  # view key -> backend ids, sorted by address
     held = ix.backend_ids
+    take = bid_alloc.take
     for want in wants.values():
         key = want.view_key
         if key in view_backends:
@@ -890,11 +891,10 @@ def plan(
         for addr, b in want.backends:
             bid = new_bids.get(addr)
             if bid is None:
-                ids = held.get(addr)
-                bid = min(ids) if ids else bid_alloc.take()
+                ids = held.get(addr) if held else None
+                bid = min(ids) if ids else take()
                 new_bids[addr] = bid
-            if bid not in want_backends:
-                want_backends[bid] = b
+                want_backends[bid] = b  # an address's first sight is its id's (1:1)
             chosen.append(bid)
         view_backends[key] = chosen
 
@@ -1006,14 +1006,20 @@ def plan(
             len(slots),
             want.flags,
         )
-        slot_writes = []
-        for i, bid in enumerate(slots, 1):
-            c = cur.get(i)
-            if c is None or c.backend_id != bid or c != (bid, 0, 0, 0, 0, 0):
-                # tuple.__new__: a NamedTuple's own constructor costs twice as much
-                slot_writes.append(
-                    _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, *_ZEROS))))
-                )
+        # tuple.__new__: a NamedTuple's own constructor costs twice as much
+        if not cur:  # a new frontend (every one, on a first sync)
+            slot_writes = [
+                _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, 0, 0, 0, 0, 0))))
+                for i, bid in enumerate(slots, 1)
+            ]
+        else:
+            slot_writes = []
+            for i, bid in enumerate(slots, 1):
+                c = cur.get(i)
+                if c is None or c != (bid, 0, 0, 0, 0, 0):
+                    slot_writes.append(
+                        _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, *_ZEROS))))
+                    )
         slot_deletes = [Op(SERVICES, (fe, i)) for i in sorted(cur) if i > len(slots)]
         head = [Op(SERVICES, (fe, 0), entry)] if cur0 != entry else []
         if len(slots) >= old_count:
