@@ -52,6 +52,7 @@ _CLONE_NEWNET = 0x40000000
 _AF = {IPFamily.V4: socket.AF_INET, IPFamily.V6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: IPFamily.V4, socket.AF_INET6: IPFamily.V6}
 _IP_VS_SVC_F_PERSISTENT = 0x1
+SET_MAXELEM = 1 << 20
 # Attribute numbers (linux/ip_vs.h, linux/netfilter/ipset/ip_set.h) of what is read back.
 _SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT, _SVC_FWMARK = 1, 2, 3, 4, 5
 _SVC_SCHED_NAME, _SVC_FLAGS, _SVC_TIMEOUT = 6, 7, 8
@@ -293,6 +294,11 @@ class Kernel:
             return 0
         return len(self._run(self._dump_services()))
 
+    def set_sizes(self) -> dict[str, int | None]:
+        """lbd's ipsets and how many entries each holds (None: the kernel does not say)."""
+        sizes = nl.ipset_sizes(self._batch_socket(nl.NETLINK_NETFILTER))
+        return {name: n for name, n in sizes.items() if name.startswith(SET_PREFIXES)}
+
     def dummy_exists(self) -> bool:
         async def lookup() -> bool:
             ipr = await self._route_socket()
@@ -532,6 +538,11 @@ class Kernel:
         kwargs: dict[str, Any] = {}
         if spec.kind == "bitmap:port":
             kwargs["bitmap_ports_range"] = (0, 65535)
+        else:
+            # ipset's default limit (65,536 entries) is below what a 10k-service cluster
+            # needs: LBD-LOOP-BACK holds every endpoint, 100,000 of them at 10k x 10. A hash
+            # set grows as entries arrive, so a high limit costs nothing until used.
+            kwargs["maxelem"] = SET_MAXELEM
         await ips.create(
             spec.name,
             stype=spec.kind,

@@ -189,7 +189,8 @@ class IpvsBackend:
 
     def needs_full_sync(self) -> bool:
         """True when lbd's kernel state is not all there any more: the dummy interface, the
-        virtual servers (an `ipvsadm -C`), or the iptables rules (a flush, or a jump gone)."""
+        virtual servers (an `ipvsadm -C`), ipset entries (an `ipset flush`, which empties
+        the sets the rules match), or the iptables rules (a flush, or a jump gone)."""
         if self._view is None:
             return True
         try:
@@ -198,6 +199,14 @@ class IpvsBackend:
                     return True
                 if kernel.count_services() < self._owned_services:
                     return True
+                # Headers only: one small dump, whatever the number of entries.
+                sizes = kernel.set_sizes()
+                for name, members in self._view.sets.items():
+                    if name not in sizes:
+                        return True
+                    size = sizes[name]
+                    if size is not None and size < len(members):
+                        return True
             for family in self._rules:
                 tables = parse_save(self._tools(family).save())
                 for name in p.CANARY_TABLES:

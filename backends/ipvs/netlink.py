@@ -507,3 +507,26 @@ def address_dump(sock: BatchSocket) -> list[tuple[int, str]]:
             continue
         out.append((index, socket.inet_ntop(af, raw[: 4 if af == socket.AF_INET else 16])))
     return out
+
+
+_IPSET_ATTR_FLAGS = 6
+_IPSET_FLAG_LIST_HEADER = 1 << 2
+_IPSET_ATTR_ELEMENTS = 24
+
+
+def ipset_sizes(sock: BatchSocket) -> dict[str, int | None]:
+    """Every set's number of entries from the headers alone (no entries are listed);
+    None where the kernel does not say."""
+    payload = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    payload += _attr(_IPSET_ATTR_PROTOCOL, bytes((_IPSET_PROTOCOL,)))
+    payload += _attr(_IPSET_ATTR_FLAGS, struct.pack(">I", _IPSET_FLAG_LIST_HEADER))
+    req = Request((_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST, 0, payload)
+    out: dict[str, int | None] = {}
+    for _kind, body in sock.dump(req):
+        top = parse_attrs(body, 4)
+        name = top.get(_IPSET_ATTR_SETNAME, b"").split(b"\0", 1)[0].decode(errors="replace")
+        if not name:
+            continue
+        elements = parse_attrs(top.get(_IPSET_ATTR_DATA, b"")).get(_IPSET_ATTR_ELEMENTS)
+        out[name] = struct.unpack(">I", elements[:4])[0] if elements else out.get(name)
+    return out

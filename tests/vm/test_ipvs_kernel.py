@@ -219,6 +219,12 @@ def test_a_flush_by_an_admin_is_noticed_and_repaired(ns):
     assert backend.needs_full_sync()
     backend.sync(state(*BASE), full=True)
     assert "TCP 10.96.0.10:80" in ipvsadm(ns) and not backend.needs_full_sync()
+    # an emptied ipset (the rules that match it would let traffic through unmasqueraded)
+    run(ns, "ipset", "flush", "LBD-CLUSTER-IP")
+    assert backend.needs_full_sync()
+    backend.sync(state(*BASE), full=True)
+    assert "10.96.0.10,tcp:80" in run(ns, "ipset", "list", "LBD-CLUSTER-IP")
+    assert not backend.needs_full_sync()
     for tool in ("iptables", "iptables-legacy", "iptables-nft"):
         netns.run(ns, [tool, "-t", "nat", "-F"], check=False)
     assert backend.needs_full_sync()
