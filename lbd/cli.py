@@ -74,8 +74,9 @@ def _add_ebpf_flags(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "--bpf-lb-map-max",
         type=int,
-        help="entries of the service, backend and reverse-NAT maps (default 65536; "
-        "a service port takes 1 + its endpoints)",
+        help="entries of the service, backend and reverse-NAT maps (default 262144 for "
+        "services and backends, 65536 for reverse NAT; a service port's frontend takes 1 + "
+        "its endpoints; entries are allocated as used)",
     )
     p.add_argument("--devices", help="uplink devices for tc LB (comma-separated)")
     p.add_argument(
