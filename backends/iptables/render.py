@@ -152,15 +152,19 @@ def endpoint_chain(sp: ServicePort, ep: Endpoint, key: str | None = None) -> str
 
 
 # kube-proxy's largeClusterEndpointsThreshold: above this many endpoints (all service
-# ports, both families) per-endpoint rules carry no comment.
+# ports, both families) per-endpoint rules carry no comment. A cluster in large mode
+# leaves it only below 90% of it, so one endpoint coming and going at the threshold
+# does not turn every partial sync into a full rewrite.
 LARGE_CLUSTER_ENDPOINTS = 1000
+_LARGE_CLUSTER_EXIT = LARGE_CLUSTER_ENDPOINTS * 9 // 10
 
 
-def is_large_cluster(state: ProxyState) -> bool:
+def is_large_cluster(state: ProxyState, was_large: bool = False) -> bool:
+    limit = _LARGE_CLUSTER_EXIT if was_large else LARGE_CLUSTER_ENDPOINTS
     total = 0
     for sp in state.service_ports.values():
         total += len(sp.cluster_endpoints)
-        if total > LARGE_CLUSTER_ENDPOINTS:
+        if total > limit:
             return True
     return False
 
@@ -187,10 +191,11 @@ class _Context:
     large_cluster: bool
 
     @classmethod
-    def of(cls, state: ProxyState, family: IPFamily) -> _Context:
+    def of(cls, state: ProxyState, family: IPFamily, was_large: bool = False) -> _Context:
         cidrs = tuple(c for c in state.cidrs(family, state.cluster_cidrs) if _addr(c))
         ips = tuple(i for i in state.cidrs(family, state.node_ips) if _addr(i))
-        return cls(family, cidrs, state.masquerade_all, ips, is_large_cluster(state))
+        large = is_large_cluster(state, was_large)
+        return cls(family, cidrs, state.masquerade_all, ips, large)
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,8 +535,8 @@ class Renderer:
 
     def _context(self, state: ProxyState, family: IPFamily) -> _Context:
         # One object per distinct context, so memo hits compare it by identity.
-        ctx = _Context.of(state, family)
         known = self._contexts.get(family)
+        ctx = _Context.of(state, family, known is not None and known.large_cluster)
         if known == ctx:
             return known
         self._contexts[family] = ctx
@@ -584,7 +589,10 @@ class Renderer:
 
         None when node-wide settings changed and every service port must be rewritten.
         """
-        prev_ctx = _Context.of(prev, family)
+        # What `prev` was rendered with (the large-cluster mode depends on history).
+        prev_ctx = self._contexts.get(family)
+        if prev_ctx is None:
+            return None
         ctx = self._context(state, family)
         if ctx != prev_ctx or _nodeport_rules(prev, family) != _nodeport_rules(state, family):
             return None
@@ -765,5 +773,9 @@ def render_partial(
     """
     if prev_state is None:
         return None
-    payload = _default.partial(prev_state, state, family, frozenset())
+    # A renderer of its own, that rendered `prev_state` last: partial renders are relative
+    # to what the renderer wrote before.
+    renderer = Renderer()
+    renderer.full(prev_state, family)
+    payload = renderer.partial(prev_state, state, family, frozenset())
     return None if payload is None else payload.text

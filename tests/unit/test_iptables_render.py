@@ -861,3 +861,21 @@ def test_a_partial_payload_fails_as_a_whole_when_lbds_nat_chains_were_flushed() 
     # nat comes first, so the failing check comes before any table is committed.
     assert payload.index("*nat") < payload.index("*filter")
     assert payload.index("-D LBD-PROXY-CANARY") < payload.index("COMMIT")
+
+
+def test_an_endpoint_coming_and_going_at_the_large_cluster_threshold_keeps_syncs_partial() -> None:
+    eps = tuple(ep(f"10.244.{i // 250}.{i % 250 + 1}") for i in range(10))
+    at = state(*(sport(f"s{i}", cluster_ip=f"10.96.1.{i}", endpoints=eps) for i in range(100)))
+    ports = dict(at.service_ports)
+    key = next(iter(ports))
+    over = dataclasses.replace(at, service_ports={
+        **ports, key: dataclasses.replace(ports[key], cluster_endpoints=eps + (ep("10.244.9.9"),))
+    })  # fmt: skip
+    r = render.Renderer()
+    r.full(at, V4)  # 1,000 endpoints: not large
+    assert r.partial(at, over, V4, frozenset()) is None  # 1,001: large, every rule changes
+    r.full(over, V4)
+    for prev, new in ((over, at), (at, over), (over, at)):
+        payload = r.partial(prev, new, V4, frozenset())
+        assert payload is not None and not payload.full  # stays large: partial syncs
+        assert "--comment" not in "".join(ln for ln in payload.text.splitlines() if "DNAT" in ln)
