@@ -294,6 +294,60 @@ static __always_inline void lbd_ct_touch(struct lb_ct_val *v, struct lbd_pkt *p,
 		v->flags |= LBD_CT_CLOSING;
 }
 
+static __always_inline int lbd_is_syn(struct lbd_pkt *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (LBD_TCP_SYN | LBD_TCP_ACK)) == LBD_TCP_SYN;
+}
+
+/* Delete a reply entry (key `rk`, value `v`) and the forward entry it was created with.
+ * The forward entry goes only while it still names this reply's backend: the client may
+ * already have reused its tuple towards the frontend for a newer flow. */
+static __always_inline void lbd_ct_drop_reply(struct lb_ct_key *rk, struct lb_ct_val *v)
+{
+	struct lb_ct_key fk = {};
+	struct lb_ct_val *fv;
+
+	lbd_copy_addr(fk.saddr, v->addr2);
+	lbd_copy_addr(fk.daddr, v->addr);
+	fk.sport = v->port2;
+	fk.dport = v->port;
+	fk.proto = rk->proto;
+	fk.family = rk->family;
+	fk.dir = LBD_CT_FORWARD;
+	fv = lbd_ct.lookup(&fk);
+	if (fv && fv->port == rk->sport && lbd_addr_eq(fv->addr, rk->saddr))
+		lbd_ct.delete(&fk);
+	lbd_ct.delete(rk);
+}
+
+/* `p` opens a flow that no service translates (its destination is not a frontend). Its
+ * replies will carry the reverse tuple; a reply entry still holding that tuple belongs to
+ * an earlier load-balanced flow that used the same client port towards a frontend
+ * (client:port -> frontend, DNATed to this very destination), and would rewrite the new
+ * flow's replies to come from the frontend, which the client drops. The tuple now belongs
+ * to the new flow: forget the old one. TCP: on a SYN only (later segments of a direct flow
+ * cannot meet such an entry, the SYN cleared it); UDP: on every datagram, as nothing marks
+ * a new UDP flow and a live load-balanced one never sends to the backend itself. */
+static __always_inline void lbd_ct_claim_direct(struct lbd_pkt *p)
+{
+	struct lb_ct_key rk = {};
+	struct lb_ct_val *v;
+
+	if (p->proto == IPPROTO_TCP && !lbd_is_syn(p))
+		return;
+	lbd_copy_addr(rk.saddr, p->daddr);
+	lbd_copy_addr(rk.daddr, p->saddr);
+	rk.sport = p->dport;
+	rk.dport = p->sport;
+	rk.proto = p->proto;
+	rk.family = p->family;
+	rk.dir = LBD_CT_REPLY;
+	v = lbd_ct.lookup(&rk);
+	if (v)
+		lbd_ct_drop_reply(&rk, v);
+}
+
 /* A reply of a translated flow: restore the frontend as source (and the client as
  * destination when the flow was SNATed). Returns -1 when `p` is not such a reply.
  * `ingress`: the packet has yet to be routed (it entered a device), so a reply whose
@@ -314,6 +368,14 @@ static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, _
 	v = lbd_ct.lookup(&k);
 	if (!v)
 		return -1;
+	/* A SYN-ACK on a flow that already saw FIN or RST answers a new connection that
+	 * reuses the tuple without us having seen its SYN (a direct one, or one we did not
+	 * balance): the old translation must not apply to it. */
+	if ((v->flags & LBD_CT_CLOSING) && p->proto == IPPROTO_TCP &&
+	    (p->tcp_flags & (LBD_TCP_SYN | LBD_TCP_ACK)) == (LBD_TCP_SYN | LBD_TCP_ACK)) {
+		lbd_ct_drop_reply(&k, v);
+		return -1;
+	}
 	lbd_ct_touch(v, p, now);
 	v->flags |= LBD_CT_SEEN_REPLY;
 	flags = v->flags;
@@ -369,7 +431,7 @@ static __always_inline int lbd_forward(struct __sk_buff *skb, struct lbd_pkt *p,
 	v = lbd_ct.lookup(&k);
 	if (!v)
 		return -1;
-	if ((v->flags & LBD_CT_CLOSING) && (p->tcp_flags & (LBD_TCP_SYN | LBD_TCP_ACK)) == LBD_TCP_SYN) {
+	if ((v->flags & LBD_CT_CLOSING) && lbd_is_syn(p)) {
 		lbd_ct.delete(&k);
 		return -1;
 	}
@@ -631,8 +693,10 @@ static __always_inline int lbd_balance(struct __sk_buff *skb, struct lbd_pkt *p,
 	key.proto = p->proto;
 	key.family = p->family;
 	fe = lbd_lookup_frontend(&key, internal);
-	if (!fe)
+	if (!fe) {
+		lbd_ct_claim_direct(p);
 		return TC_ACT_OK;
+	}
 	flags = fe->flags;
 	rev_nat_id = fe->rev_nat_id;
 	if (flags & LBD_SVC_SRC_RANGE) {
