@@ -63,8 +63,22 @@ static __always_inline int lbd_sock_xlate(struct bpf_sock_addr *ctx, __u8 family
 	/* Sockets of this node are in-cluster clients: external frontends with
 	 * externalTrafficPolicy: Local still use every endpoint (kube-proxy short-circuits). */
 	fe = lbd_lookup_frontend(&key, 1);
-	if (!fe)
+	if (!fe) {
+		/* A UDP socket that sent to a frontend may now talk to the backend it was
+		 * given directly: from here on, that backend's datagrams read as its own,
+		 * not as the frontend's (TCP sockets connect once, so never get here). */
+		if (ctx->protocol == IPPROTO_UDP) {
+			rkey.cookie = bpf_get_socket_cookie(ctx);
+			rkey.addr[0] = addr[0];
+			rkey.addr[1] = addr[1];
+			rkey.addr[2] = addr[2];
+			rkey.addr[3] = addr[3];
+			rkey.port = *port;
+			rkey.family = family;
+			lbd_sockrev.delete(&rkey);
+		}
 		return 1;
+	}
 	flags = fe->flags;
 	if (fe->count == 0) {
 		if (flags & LBD_SVC_REJECT) {

@@ -498,3 +498,31 @@ def test_unconnected_udp_sticks_per_socket(cluster, sandbox, node1):
     assert all(len(pods) == 1 for pods in per_socket), per_socket
     # ...and different sockets spread
     assert len({pods[0] for pods in per_socket}) > 1
+
+
+# One UDP socket: to the frontend, then straight to the backend it was given, then back.
+UDP_THEN_DIRECT = r"""
+import json, socket, sys
+vip, vport, pod, pport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(3)
+out = []
+for dst in ((vip, vport), (pod, pport), (vip, vport)):
+    u.sendto(b"ping\n", dst)
+    data, src = u.recvfrom(200)
+    out.append([data.split()[0].decode(), list(src[:2])])
+print(json.dumps(out))
+"""
+
+
+def test_udp_socket_talking_to_its_backend_directly_sees_the_backend(cluster, sandbox, node1):
+    pod = cluster.pod("pod-1-2")
+    only = svc("dns", endpoints(cluster, "node-1", [pod]), port=53, protocol=UDP)
+    node1.sync(state(cluster, "node-1", only), False)
+    argv = [sys.executable, "-c", UDP_THEN_DIRECT, VIP, "53", pod.ipv4, "8080"]
+    proc = sandbox.run(sandbox.node("node-1"), cluster.pod("pod-1-1").netns, argv, check=True)
+    assert json.loads(proc.stdout) == [
+        [pod.name, [VIP, 53]],
+        [pod.name, [pod.ipv4, 8080]],
+        [pod.name, [VIP, 53]],
+    ]
