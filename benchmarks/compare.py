@@ -21,7 +21,7 @@ JSON = dict[str, Any]
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "–"
-    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -93,14 +93,22 @@ def vm_line(results: JSON, vm: JSON | None) -> str:
 
 
 def comparison(
-    results: JSON, vm: JSON | None = None, numerator: str = "ipvs", baseline: str | None = None
+    results: JSON,
+    vm: JSON | None = None,
+    numerator: str = "ipvs",
+    baseline: str | None = None,
+    level: int = 2,
 ) -> list[str]:
-    """The Markdown lines: the ratio table and the flatness table."""
+    """The Markdown lines: the ratio table and the flatness table, under a heading of
+    `level` (3 to sit inside another report's section). LookupError: a target is missing."""
     num, base = pick_targets(results, numerator, baseline)
     targets = _by_target(results)
     sizes = sorted(set(targets[num]) & set(targets[base]))
+    command = (vm or {}).get("command") or results.get("command", "?")
     lines = [
-        f"## {num} beside {base}, same run",
+        f"{'#' * level} {num} beside {base}, same run",
+        "",
+        f"Command: `{command}`",
         "",
         vm_line(results, vm),
         "",
@@ -118,7 +126,7 @@ def comparison(
             lines.append(f"| {label} | {n:,} | {_ms(a)} | {_ms(b)} | {_ratio(a, b)} |")
     lines += [
         "",
-        "### Does one change stay flat as the cluster grows?",
+        f"{'#' * (level + 1)} Does one change stay flat as the cluster grows?",
         "",
     ]
     if len(sizes) < 2:

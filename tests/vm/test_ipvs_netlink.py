@@ -95,7 +95,7 @@ def test_an_add_that_finds_its_entry_updates_it_and_a_failure_names_its_op(ns):
                 p.Op(p.OpKind.DEL_SERVICE, vs=vs("10.96.0.99")),
             ]
         )
-        with pytest.raises(KernelError, match=r"add_dest 10\.96\.0\.77:80/tcp 10\.244\.1\.6"):
+        with pytest.raises(KernelError, match=r"add_dest 10\.96\.0\.77:80/TCP 10\.244\.1\.6:8080"):
             kernel.apply(
                 [
                     p.Op(p.OpKind.ADD_DEST, vs=web, dest=p.RealServer("10.244.1.6", 8080)),
