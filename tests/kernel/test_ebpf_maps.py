@@ -19,23 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ebpf_support import EBPF_KERNEL_MARKS
 
-from backends.base import HostUnsupported
-from backends.ebpf import check_host
 from backends.ebpf.loader import Datapath, MapSizes
 from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op
 from bpf_lb import bpfsys, maps
 
-try:
-    check_host()
-    _UNSUPPORTED = ""
-except HostUnsupported as e:
-    _UNSUPPORTED = str(e)
-
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(bool(_UNSUPPORTED), reason=_UNSUPPORTED or "ebpf supported"),
-]
+pytestmark = EBPF_KERNEL_MARKS
 
 SMALL = MapSizes(
     services=1024,

@@ -18,24 +18,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from ebpf_support import EBPF_KERNEL_MARKS
 
-from backends.base import HostUnsupported
-from backends.ebpf import EbpfBackend, check_host
+from backends.ebpf import EbpfBackend
 from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort, ServicePortName
 from lbd.testing.cluster import MiniCluster, Pod
 from lbd.testing.netns import socket_in
 from lbd.testing.traffic import Reply
 
-try:
-    check_host()
-    _UNSUPPORTED = ""
-except HostUnsupported as e:
-    _UNSUPPORTED = str(e)
-
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(bool(_UNSUPPORTED), reason=_UNSUPPORTED or "ebpf supported"),
-]
+pytestmark = EBPF_KERNEL_MARKS
 
 VIP = "10.96.0.10"
 NODE_PORT = 30080

@@ -18,23 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ebpf_support import EBPF_KERNEL_MARKS
 
-from backends.base import HostUnsupported
-from backends.ebpf import EbpfBackend, check_host
+from backends.ebpf import EbpfBackend
 from backends.ebpf.cgroups import CgroupSandbox
 from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort, ServicePortName
 from lbd.testing.cluster import MiniCluster, Pod
 
-try:
-    check_host()
-    _UNSUPPORTED = ""
-except HostUnsupported as e:
-    _UNSUPPORTED = str(e)
-
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(bool(_UNSUPPORTED), reason=_UNSUPPORTED or "ebpf supported"),
-]
+pytestmark = EBPF_KERNEL_MARKS
 
 V4, V6 = IPFamily.V4, IPFamily.V6
 TCP, UDP = Protocol.TCP, Protocol.UDP

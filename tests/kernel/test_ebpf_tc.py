@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ebpf_support import EBPF_KERNEL_MARKS
 
-from backends.base import HostUnsupported
-from backends.ebpf import EbpfBackend, check_host
+from backends.ebpf import EbpfBackend
 from backends.ebpf.cgroups import CgroupSandbox
 from backends.ebpf.conntrack import CtTimeouts
 from bpf_lb.maps import CT_FORWARD, PROTO_TCP, PROTO_UDP
@@ -31,16 +31,7 @@ from lbd.testing.cluster import MiniCluster, Pod
 from lbd.testing.netns import socket_in
 from lbd.testing.traffic import RequestRefused, RequestTimeout, spread, tcp_request, udp_request
 
-try:
-    check_host()
-    _UNSUPPORTED = ""
-except HostUnsupported as e:
-    _UNSUPPORTED = str(e)
-
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(bool(_UNSUPPORTED), reason=_UNSUPPORTED or "ebpf supported"),
-]
+pytestmark = EBPF_KERNEL_MARKS
 
 V4, V6 = IPFamily.V4, IPFamily.V6
 TCP, UDP = Protocol.TCP, Protocol.UDP
