@@ -34,29 +34,27 @@ QUICK_CHANGES = 20
 PARTS = ("control", "data")
 
 
-def _int_list(text: str) -> list[int]:
+def _numbers(text: str, minimum: int) -> list[int]:
     try:
         values = sorted({int(v.replace("_", "")) for v in text.split(",") if v.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of numbers: {text!r}"
         ) from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError("sizes must be positive")
+    if not values or values[0] < minimum:
+        raise argparse.ArgumentTypeError(
+            "sizes must be positive" if minimum == 1 else f"sizes must be >= {minimum}"
+        )
     return values
+
+
+def _int_list(text: str) -> list[int]:
+    return _numbers(text, 1)
 
 
 def _size_list(text: str) -> list[int]:
     """Like _int_list, but 0 is allowed: "no other services" is the data plane's baseline."""
-    try:
-        values = sorted({int(v.replace("_", "")) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of numbers: {text!r}"
-        ) from None
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError("sizes must be >= 0")
-    return values
+    return _numbers(text, 0)
 
 
 def _mode_list(text: str) -> list[str]:

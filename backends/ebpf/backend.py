@@ -9,12 +9,10 @@ and removes everything on cleanup. The programs and the map layouts live in bpf_
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -48,6 +46,7 @@ from bpf_lb.maps import (
     SVC_NODEPORT,
 )
 from lbd.config import ProxyConfig
+from lbd.model.build import gc_paused
 from lbd.model.state import ProxyState
 
 log = structlog.get_logger("lbd.backends.ebpf")
@@ -59,8 +58,8 @@ MAP_PRESSURE = Gauge(
 )
 
 DEFAULT_BPFFS = "/sys/fs/bpf/lbd/default"
-# A sync that reads or writes this many entries leaves its objects to the GC's
-# permanent generation (see _gc_paused); small ones leave them to the usual collections.
+# A sync that reads or writes this many entries leaves its objects to the GC's permanent
+# generation (see lbd.model.build.gc_paused); small ones leave them to the usual collections.
 FREEZE_AFTER_OPS = 20000
 DEFAULT_CGROUP = "/run/lbd/cgroupv2"
 
@@ -235,7 +234,7 @@ class EbpfBackend:
     def sync(self, state: ProxyState, full: bool) -> SyncResult:
         started = time.monotonic()
         timings: dict[str, int] = {}
-        with self._lock, _gc_paused() as pause:
+        with self._lock, gc_paused() as pause:
             fresh = not self.datapath.loaded
             if fresh:
                 # Compiling and loading the programs is a start-up cost, reported apart
@@ -452,32 +451,6 @@ class EbpfBackend:
             self.datapath.close()
             self._view = None
             self._synced = None
-
-
-class _GcPause:
-    freeze = False
-
-
-@contextmanager
-def _gc_paused() -> Iterator[_GcPause]:
-    """Pause the cyclic GC: a full sync at 10k services makes ~10^6 acyclic objects
-    (records, ops, packed entries), and the collections they trigger, each scanning all
-    that is alive, took longer than the sync's own work. Refcounting frees them.
-
-    With `freeze` set, everything alive at the end moves to the GC's permanent
-    generation (as the daemon does after its initial list): the view of a big map set
-    lives until the next full read, and otherwise the first collection after the sync
-    (~0.25 s at 10k services) and every later full one would scan it again."""
-    pause = _GcPause()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield pause
-    finally:
-        if pause.freeze:
-            gc.freeze()
-        if was_enabled:
-            gc.enable()
 
 
 def _ms_since(t: float) -> int:
