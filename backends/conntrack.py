@@ -81,7 +81,15 @@ def stale_udp_flows(prev: ProxyState | None, new: ProxyState) -> list[StaleUDPFl
     """
     old = prev.service_ports if prev is not None else {}
     out: list[StaleUDPFlows] = []
-    for key, sp in new.service_ports.items():
+    listed = new.changes_since(prev.revision) if prev is not None else None
+    if listed is not None:
+        # Only what the model builder rebuilt can have changed: no walk over every port.
+        ports = [(k, new.service_ports[k]) for k in listed if k in new.service_ports]
+        removed = [k for k in listed if k not in new.service_ports]
+    else:
+        ports = list(new.service_ports.items())
+        removed = [k for k in old if k not in new.service_ports]
+    for key, sp in ports:
         if sp.protocol != Protocol.UDP:
             continue
         before = old.get(key)
@@ -104,8 +112,9 @@ def stale_udp_flows(prev: ProxyState | None, new: ProxyState) -> list[StaleUDPFl
         out.append(
             StaleUDPFlows(str(sp.name), sp.family, frozenset(fronts), frozenset(now), reason)
         )
-    for key, before in old.items():
-        if before.protocol == Protocol.UDP and key not in new.service_ports:
+    for key in removed:
+        before = old.get(key)
+        if before is not None and before.protocol == Protocol.UDP:
             out.append(
                 StaleUDPFlows(
                     str(before.name),

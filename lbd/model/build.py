@@ -10,6 +10,7 @@ back (with a reason) for logging and metrics; they never affect other services.
 from __future__ import annotations
 
 import gc
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -165,6 +166,11 @@ class Changes:
         return bool(self.services or self.slices)
 
 
+# Revisions of built states, unique within the process (see ProxyState.revision), so that
+# a backend can never mistake one builder's state for the successor of another's.
+_REVISIONS = itertools.count(1)
+
+
 class StateBuilder:
     """Builds ProxyStates, rebuilding only the services that changed when told which.
 
@@ -187,6 +193,8 @@ class StateBuilder:
         self._service_key: dict[tuple[str, str], Any] = {}
         self._ports_of: dict[tuple[str, str], list[ServicePort]] = {}
         self._ports: dict[tuple[ServicePortName, IPFamily], ServicePort] = {}
+        self._revision = 0  # of the state built last (0: none yet)
+        self._changed: set[tuple[ServicePortName, IPFamily]] = set()
 
     def build(
         self,
@@ -197,11 +205,15 @@ class StateBuilder:
     ) -> tuple[ProxyState, list[Rejection]]:
         """The state of `services` and `slices`. `changes`: what changed since this
         builder's previous build (None: unknown, build everything)."""
+        changed_from = self._revision
+        self._changed = set()
         with gc_paused():
             if changes is None or node != self._node:
                 self._full(services, slices, node)
+                changed_from = -1
             elif changes:
                 self._incremental(services, slices, changes)
+        self._revision = next(_REVISIONS)
         rejected = [
             r
             for table in (self._slices, self._services)
@@ -217,6 +229,9 @@ class StateBuilder:
             nodeport_addresses=self.config.nodeport_addresses,
             # A copy: the previous state (which backends diff against) must not change.
             service_ports=dict(self._ports),
+            revision=self._revision,
+            changed_from=changed_from if changed_from > 0 else -1,
+            changed=frozenset(self._changed),
         )
         return state, rejected
 
@@ -296,16 +311,19 @@ class StateBuilder:
                 affected.add(owner)
 
         ports = self._ports
+        changed = self._changed
         node = self._node or NodeInfo(self.config.node_name)
         for owner in affected:
             for sp in self._ports_of.pop(owner, ()):
                 ports.pop((sp.name, sp.family), None)
+                changed.add((sp.name, sp.family))
             svc = self._services.get(self._service_key.get(owner))
             if isinstance(svc, ParsedService):
                 its_slices = tuple(self._slices_of.get(owner, {}).values())
                 built = self._ports_of[owner] = service_ports(svc, its_slices, node)
                 for sp in built:
                     ports[(sp.name, sp.family)] = sp
+                    changed.add((sp.name, sp.family))
             if not self._slices_of.get(owner, True):
                 del self._slices_of[owner]
 

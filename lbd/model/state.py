@@ -126,6 +126,21 @@ class ProxyState:
     service_ports: Mapping[tuple[ServicePortName, IPFamily], ServicePort] = field(
         default_factory=dict
     )
+    # Bookkeeping, not part of the state's value: a builder that knows what changed since
+    # the state it built before (revision `changed_from`) lists the service-port keys it
+    # rebuilt or removed in `changed`, so a backend that holds that previous state can plan
+    # just those instead of comparing every service port. Revisions are unique within the
+    # process; changed_from -1 means "unknown: compare everything".
+    revision: int = field(default=0, compare=False)
+    changed_from: int = field(default=-1, compare=False)
+    changed: frozenset[tuple[ServicePortName, IPFamily]] = field(default=frozenset(), compare=False)
+
+    def changes_since(self, revision: int) -> frozenset[tuple[ServicePortName, IPFamily]] | None:
+        """The service-port keys that changed since the state of `revision`; None when
+        that is unknown (then every service port may have changed)."""
+        if self.changed_from < 0 or revision != self.changed_from:
+            return None
+        return self.changed
 
     def ports(self, family: IPFamily | None = None) -> Iterator[ServicePort]:
         """Service ports in a stable order (optionally of one family)."""

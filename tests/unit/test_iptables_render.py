@@ -820,6 +820,25 @@ def test_unchanged_tcp_or_growing_services_need_no_conntrack_cleanup() -> None:
     assert stale_udp_flows(before, state(sport(endpoints=THREE), grown)) == []
 
 
+def test_a_state_that_lists_its_changes_is_checked_only_there() -> None:
+    dns = udp(ep("10.244.1.5", 53), ep("10.244.2.6", 53))
+    other = sport("other", protocol=UDP, port=54, endpoints=(ep("10.244.1.5", 54),))
+    before = dataclasses.replace(state(dns, other), revision=7)
+    shrunk = udp(ep("10.244.2.6", 53))
+    after = state(shrunk)  # "other" deleted too
+    listed = dataclasses.replace(
+        after, revision=8, changed_from=7, changed=frozenset({(shrunk.name, V4), (other.name, V4)})
+    )
+    assert stale_udp_flows(before, listed) == stale_udp_flows(before, after)
+    assert {f.reason for f in stale_udp_flows(before, listed)} == {
+        "endpoints removed",
+        "service port deleted",
+    }
+    # the list is trusted: a change it leaves out is not looked for
+    partial = dataclasses.replace(listed, changed=frozenset({(other.name, V4)}))
+    assert [f.reason for f in stale_udp_flows(before, partial)] == ["service port deleted"]
+
+
 def test_first_sync_checks_every_udp_service_with_endpoints() -> None:
     new = state(udp(ep("10.244.1.5", 53)), sport(endpoints=THREE))
     (flows,) = stale_udp_flows(None, new)

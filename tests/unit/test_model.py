@@ -546,4 +546,16 @@ def test_incremental_builds_equal_full_builds_through_random_churn():
                 before = prev.service_ports.get(key)
                 if key[0].name not in touched and before is not None and before == sp:
                     assert before is sp, f"step {step}: untouched {key[0]} rebuilt"
+            # what the state says changed since the previous one covers every difference
+            listed = got.changes_since(prev.revision)
+            assert listed is not None, step
+            differ = {
+                k
+                for k in prev.service_ports.keys() | got.service_ports.keys()
+                if prev.service_ports.get(k) is not got.service_ports.get(k)
+            }
+            assert differ <= listed, (step, differ - listed)
+            assert got.changes_since(prev.revision - 1) is None
+        else:
+            assert got.changes_since(prev.revision) is None  # a full build: unknown
         prev = got
