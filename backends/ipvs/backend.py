@@ -1,8 +1,10 @@
 """IpvsBackend: the Backend protocol for the IPVS mode.
 
-Owns the sync policy: a full sync reads the whole kernel view back over netlink, a partial
-sync plans against what lbd last applied (refreshing only the draining real servers'
-connection counts); the plan's ops are applied in order, then the constant iptables rules
+Owns the sync policy: a full sync reads the whole kernel view back over netlink and compares
+everything; a partial sync compares only the service ports that changed since the last
+sync (the planner keeps the desired state between syncs) against what lbd last applied,
+refreshing only the draining real servers' connection counts, so its cost does not grow
+with the number of services. The plan's ops are applied in order, then the constant iptables rules
 (one iptables-restore per family, only when they changed or on a full sync), then UDP
 conntrack hygiene. Also: noticing that someone removed lbd's state, reading the kernel
 back for `lbd status`, and removing everything the mode created.
@@ -24,9 +26,15 @@ from backends.iptables.status import Table, parse_save, removal_payload
 from backends.ipvs import plan as p
 from backends.ipvs.apply import Kernel, KernelError
 from backends.ipvs.status import frontends
+from lbd.model.build import gc_paused
 from lbd.model.state import IPFamily, ProxyState
 
 log = structlog.get_logger("lbd.backends.ipvs")
+
+# A sync that plans this many virtual servers and ipset entries leaves what it built to the
+# GC's permanent generation (lbd.model.build.gc_paused): otherwise the next small sync can
+# trigger a full collection over them (~0.1-1 s at 10k services).
+FREEZE_AFTER = 20000
 
 
 def _owned_chain(chain: str) -> bool:
@@ -72,7 +80,7 @@ class IpvsBackend:
         self.netns = netns
         self.grace_period = grace_period
         self._variant = None if variant == "auto" else variant
-        self._cache = p.PlanCache()
+        self._planner = p.Planner()
         self._view: p.KernelView | None = None  # what the kernel holds after the last sync
         self._draining: dict[tuple[p.VSKey, p.Dest], float] = {}
         self._rules: dict[IPFamily, str] = {}  # iptables payload (without jumps) applied
@@ -95,40 +103,46 @@ class IpvsBackend:
     def sync(self, state: ProxyState, full: bool) -> SyncResult:
         started = time.monotonic()
         read_kernel = full or self._view is None
-        with Kernel(self.netns) as kernel:
-            if read_kernel:
-                view = kernel.read_view()
-            else:
-                assert self._view is not None
-                view = self._refresh_draining(kernel, self._view)
-            result = p.plan(
-                state,
-                view,
-                scheduler=self.scheduler,
-                now=time.monotonic(),
-                draining=self._draining,
-                grace_period=self.grace_period,
-                cache=self._cache,
-            )
-            try:
+        try:
+            with gc_paused() as pause, Kernel(self.netns) as kernel:
+                if read_kernel:
+                    view = kernel.read_view()
+                else:
+                    assert self._view is not None
+                    view = self._refresh_draining(kernel, self._view)
+                result = p.plan(
+                    state,
+                    view,
+                    scheduler=self.scheduler,
+                    now=time.monotonic(),
+                    draining=self._draining,
+                    grace_period=self.grace_period,
+                    planner=self._planner,
+                    changes_only=not read_kernel,
+                )
                 kernel.apply(result.ops)
+                big = len(view.services) + len(result.ops) >= FREEZE_AFTER
+                pause.freeze = read_kernel and big
                 if read_kernel:
                     # After the first IPVS request: the vs sysctls exist once IPVS is loaded.
                     changed = kernel.set_sysctls()
                     if changed:
                         log.info("ipvs.sysctls_set", **changed)
-            except KernelError:
-                self._view = None  # unknown now: the next sync reads the kernel
-                raise
+        except BaseException:
+            # The kernel (and the planner's record of what changed) are unknown now: the
+            # next sync reads the kernel and compares everything.
+            self._view = None
+            self._planner = p.Planner()
+            raise
         self._view = result.expected
         self._draining = result.draining
-        self._owned_services = sum(1 for k in result.expected.services if result.expected.owns(k))
+        self._owned_services = result.owned_services
         if result.conflicts != self._conflicts:
             for conflict in result.conflicts:
                 log.warning("ipvs.frontend_conflict", detail=conflict)
             self._conflicts = result.conflicts
 
-        restores = self._sync_rules(state, p.families_for(state, result.expected), read_kernel)
+        restores = self._sync_rules(state, list(result.families), read_kernel)
         detail: dict[str, int] = {f"ops_{k}": v for k, v in result.count().items()}
         detail["iptables_restores"] = restores
         detail["draining_real_servers"] = len(result.draining)

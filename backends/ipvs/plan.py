@@ -421,64 +421,298 @@ class _Context:
     scheduler: str
 
 
-@dataclass(slots=True)
 class Desired:
-    """Everything lbd wants in the kernel for one ProxyState."""
+    """Everything lbd wants in the kernel, kept up to date one service port at a time.
 
-    services: dict[VSKey, _DesiredService] = field(default_factory=dict)
-    sets: dict[str, dict[Member, Extension]] = field(default_factory=dict)
-    specs: dict[str, SetSpec] = field(default_factory=dict)
-    addresses: set[str] = field(default_factory=set)
-    conflicts: list[str] = field(default_factory=list)
+    Several service ports may want the same thing: an ipset entry (a hairpin endpoint or
+    a node port two services share), a dummy address (every port of a multi-port service
+    wants its cluster IP), even a virtual server (a misconfiguration: two services claiming
+    one external IP and port). Each wanted thing records who wants it, so withdrawing one
+    service port keeps what others still want; where the claimants differ (a virtual
+    server, an entry's comment), the service port first in (namespace, name, port,
+    protocol, family) order wins, whatever the order the changes came in.
 
-    def add(self, c: _Contribution) -> None:
-        sets = self.sets
+    Every change records what it touched, so that a sync can diff only those against the
+    kernel (`take_touched`).
+    """
+
+    def __init__(self, families: Iterable[IPFamily]) -> None:
+        self.families = frozenset(families)
+        self.specs: dict[str, SetSpec] = {s.name: s for s in set_specs(self.families)}
+        self.services: dict[VSKey, _DesiredService] = {}  # each virtual server's winner
+        self.sets: dict[str, dict[Member, Extension]] = {name: {} for name in self.specs}
+        self._ipvs_ips = frozenset(set_name(SetBase.IPVS_IPS, f) for f in IPFamily)
+        self._claims: dict[VSKey, dict[str, _Frontend]] = {}
+        self._refs: dict[tuple[str, Member], dict[str, list]] = {}  # owner → [ext, count]
+        self._order: dict[str, tuple] = {}
+        self._contributions: dict[str, _Contribution] = {}
+        self._contested: set[VSKey] = set()  # virtual servers with several claimants
+        self.touched_services: set[VSKey] = set()
+        self.touched_members: set[tuple[str, Member]] = set()
+        # Off while everything is planned from scratch: such a plan compares everything.
+        self.track = True
+
+    # --- changes
+
+    def put(self, owner: str, order: tuple, c: _Contribution | None) -> None:
+        """What service port `owner` wants is now `c` (None: nothing any more)."""
+        old = self._contributions.pop(owner, None)
+        if old is not None:
+            for fe in old.frontends:
+                self._unclaim(owner, fe)
+            for e in old.entries:
+                self._unref(owner, e)
+        if c is None:
+            self._order.pop(owner, None)
+            return
+        self._order[owner] = order
+        self._contributions[owner] = c
         for fe in c.frontends:
-            key = fe.service.vs.key
-            have = self.services.get(key)
-            if have is not None:
-                self.conflicts.append(f"{key} claimed by {have.service} and {fe.service.service}")
-                continue
-            self.services[key] = fe.service
-            for name, m, ext in fe.entries:
-                sets[name].setdefault(m, ext)
-            if fe.address:
-                self.addresses.add(fe.address)
-        for name, m, ext in c.entries:
-            sets[name].setdefault(m, ext)
+            self._claim(owner, fe)
+        for e in c.entries:
+            self._ref(owner, e)
+
+    def owners(self) -> Iterable[str]:
+        return self._contributions.keys()
+
+    def take_touched(self) -> tuple[set[VSKey], set[tuple[str, Member]]]:
+        """What changed since the last call (virtual servers, ipset entries)."""
+        out = (self.touched_services, self.touched_members)
+        self.touched_services, self.touched_members = set(), set()
+        return out
+
+    # --- reading
+
+    def addresses(self) -> set[str]:
+        """The addresses to bind to the dummy interface."""
+        return {m.ip for name in self._ipvs_ips for m in self.sets.get(name, ())}
+
+    def is_address(self, name: str) -> bool:
+        return name in self._ipvs_ips
+
+    @property
+    def conflicts(self) -> list[str]:
+        out = []
+        for key in sorted(self._contested):
+            winner = self.services[key]
+            claims = self._claims[key]
+            out.extend(
+                f"{key} claimed by {winner.service} and {claims[owner].service.service}"
+                for owner in sorted(claims, key=self._order.__getitem__)
+                if owner != winner.owner
+            )
+        return out
+
+    # --- bookkeeping
+
+    def _first(self, owners: Iterable[str]) -> str:
+        return min(owners, key=self._order.__getitem__)
+
+    def _claim(self, owner: str, fe: _Frontend) -> None:
+        key = fe.service.vs.key
+        claims = self._claims.get(key)
+        if claims is None:
+            self._claims[key] = {owner: fe}
+            self._apply(owner, fe)
+            return
+        if owner in claims:
+            return  # the same frontend twice in one service port: the first counts
+        claims[owner] = fe
+        self._contested.add(key)
+        winner = self.services[key].owner
+        if self._order[owner] < self._order[winner]:
+            self._unapply(winner, claims[winner])
+            self._apply(owner, fe)
+
+    def _unclaim(self, owner: str, fe: _Frontend) -> None:
+        key = fe.service.vs.key
+        claims = self._claims[key]
+        if claims.get(owner) is not fe:
+            return  # a duplicate that never counted
+        del claims[owner]
+        if self.services[key].owner == owner:
+            self._unapply(owner, fe)
+            if claims:
+                nxt = self._first(claims)
+                self._apply(nxt, claims[nxt])
+        if len(claims) < 2:
+            self._contested.discard(key)
+        if not claims:
+            del self._claims[key]
+
+    def _apply(self, owner: str, fe: _Frontend) -> None:
+        key = fe.service.vs.key
+        self.services[key] = fe.service
+        if self.track:
+            self.touched_services.add(key)
+        for e in fe.entries:
+            self._ref(owner, e)
+        if fe.address:
+            self._ref(owner, _address_entry(fe.address))
+
+    def _unapply(self, owner: str, fe: _Frontend) -> None:
+        key = fe.service.vs.key
+        del self.services[key]
+        if self.track:
+            self.touched_services.add(key)
+        for e in fe.entries:
+            self._unref(owner, e)
+        if fe.address:
+            self._unref(owner, _address_entry(fe.address))
+
+    def _ref(self, owner: str, e: _Entry) -> None:
+        name, m, ext = e
+        k = (name, m)
+        if self.track:
+            self.touched_members.add(k)
+        owners = self._refs.get(k)
+        if owners is None:
+            self._refs[k] = {owner: [ext, 1]}
+            self.sets[name][m] = ext
+            return
+        held = owners.get(owner)
+        if held is not None:
+            held[1] += 1  # the owner's first extension stays
+            return
+        owners[owner] = [ext, 1]
+        self.sets[name][m] = owners[self._first(owners)][0]
+
+    def _unref(self, owner: str, e: _Entry) -> None:
+        name, m, _ = e
+        k = (name, m)
+        if self.track:
+            self.touched_members.add(k)
+        owners = self._refs[k]
+        held = owners[owner]
+        held[1] -= 1
+        if held[1]:
+            return
+        del owners[owner]
+        if owners:
+            self.sets[name][m] = owners[self._first(owners)][0]
+        else:
+            del self._refs[k]
+            del self.sets[name][m]
 
 
-class PlanCache:
-    """Memoises each service port's contribution between plans, keyed by the state's own
-    key and validated by identity, then equality, of the frozen ServicePort (and of the
-    node-wide context): an unchanged service port costs a lookup per plan."""
+def _address_entry(ip: str) -> _Entry:
+    return (set_name(SetBase.IPVS_IPS, _family_of(ip)), Member(ip), NO_EXTENSION)
+
+
+def _port_order(key: tuple[ServicePortName, IPFamily]) -> tuple:
+    # ServicePortName's generated ordering builds tuples per comparison: slow at 10k ports.
+    n, family = key
+    return (n.namespace, n.name, n.port, n.protocol, family)
+
+
+def _wants_fwmark(sp: ServicePort) -> bool:
+    return sp.external_policy_local and sp.has_external_frontends and bool(sp.cluster_endpoints)
+
+
+class Planner:
+    """Keeps the desired state between syncs and updates it from each new ProxyState.
+
+    Only changed service ports are planned again (their old contribution withdrawn, the
+    new one added): those the model builder lists as changed since the state planned last
+    (ProxyState.changes_since), or, when it cannot tell, those whose ServicePort object
+    is not the one seen last time (the builder keeps unchanged ones; an equal object built
+    anew is not planned again either). So one changed service costs the same at 100 or
+    10,000 services. A change of the node-wide inputs (node addresses,
+    --nodeport-addresses, scheduler, IP families) plans everything again.
+    """
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[ServicePort, _Context, int, _Contribution]] = {}
+        self.desired: Desired | None = None
         self._ctx: _Context | None = None
+        self._ports: Mapping[tuple[ServicePortName, IPFamily], ServicePort] = {}
+        self._owner: dict[tuple[ServicePortName, IPFamily], str] = {}
+        self._eligible: set[str] = set()  # service ports that want a firewall mark
+        self._marks: dict[str, int] = {}
+        self._revision = -1  # of the state planned last
+        self._inputs: tuple = ()  # the node-wide inputs of _new_ctx
+        self._new_ctx: _Context | None = None
+        self._v6 = 0  # IPv6 service ports
+        self.rebuilt = False  # the last update planned everything from scratch
 
-    def context(self, ctx: _Context) -> _Context:
-        if self._ctx != ctx:
-            self._ctx = ctx
-            self._memo.clear()
-        return self._ctx
+    def update(self, state: ProxyState, view: KernelView, scheduler: str) -> Desired:
+        """The desired state for `state`, its touched sets holding what changed."""
+        old = self._ports
+        new = state.service_ports
+        listed = state.changes_since(self._revision)
+        if listed is not None:
+            # The model builder says what changed since the state planned last.
+            changed = [(k, new[k]) for k in listed if k in new]
+            gone = {k for k in listed if k not in new}
+        else:
+            # Which ServicePort objects are new, by identity, in C (hashing 10k keys in
+            # Python would cost more than the rest of a one-service plan).
+            ids = dict(zip(map(id, old.values()), old.values(), strict=True))
+            fresh = {id(sp): (k, sp) for k, sp in new.items()}
+            changed = [fresh[i] for i in fresh.keys() - ids.keys()]
+            gone = {(sp.name, sp.family) for sp in map(ids.get, ids.keys() - fresh.keys())}
+            gone.difference_update(k for k, _ in changed)
+        self._revision = state.revision
+        self._v6 += sum(1 for k, _ in changed if k[1] == _V6 and k not in old)
+        self._v6 -= sum(1 for k in gone if k[1] == _V6)
+        families = {_V4}
+        if self._v6 or any(n.startswith("LBD6-") for n in view.sets):
+            families.add(_V6)
+        inputs = (state.nodeport_addresses, state.node_ips, view.node_addresses, scheduler)
+        if inputs != self._inputs:
+            self._inputs = inputs
+            self._new_ctx = _context(state, view.node_addresses, scheduler)
+        ctx = self._new_ctx
+        d = self.desired
+        self.rebuilt = d is None or ctx != self._ctx or families != d.families
+        if self.rebuilt:
+            d = self.desired = Desired(families)
+            d.track = False
+            self._ctx, self._owner, self._eligible, self._marks = ctx, {}, set(), {}
+            # In port order, so that each virtual server's first claimant is its winner.
+            changed, gone = sorted(new.items(), key=lambda i: _port_order(i[0])), set()
+        ctx = self._ctx
+        assert ctx is not None
+        self._ports = new
+        # Equal objects built anew (a from-scratch model build) plan nothing again.
+        redo = [(k, sp) for k, sp in changed if k not in self._owner or old.get(k) != sp]
+        eligible_before = set(self._eligible)
+        for k in gone:
+            self._eligible.discard(self._owner[k])
+        for k, sp in redo:
+            owner = self._owner.setdefault(k, sp.key)
+            if _wants_fwmark(sp):
+                self._eligible.add(owner)
+            else:
+                self._eligible.discard(owner)
+        if self._eligible != eligible_before:
+            marks = fwmarks(self._eligible)
+            moved = {o for o in self._eligible if marks[o] != self._marks.get(o)}
+            self._marks = marks
+            if moved:
+                redo_keys = {k for k, _ in redo}
+                redo.extend(
+                    (k, new[k])
+                    for k, o in self._owner.items()
+                    if o in moved and k not in redo_keys and k in new
+                )
+        for k in gone:
+            d.put(self._owner.pop(k), (), None)
+        for k, sp in redo:
+            owner = self._owner[k]
+            d.put(owner, _port_order(k), _contribution(sp, ctx, self._marks.get(owner, 0)))
+        d.track = True
+        return d
 
-    def contribution(self, sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
-        key = sp.key
-        hit = self._memo.get(key)
-        if hit is not None and hit[1] is ctx and hit[2] == mark:
-            if hit[0] is sp:
-                return hit[3]
-            if hit[0] == sp:
-                self._memo[key] = (sp, ctx, mark, hit[3])
-                return hit[3]
-        made = _contribution(sp, ctx, mark)
-        self._memo[key] = (sp, ctx, mark, made)
-        return made
 
-    def forget_except(self, keys: set[str]) -> None:
-        for key in [k for k in self._memo if k not in keys]:
-            del self._memo[key]
+def _context(state: ProxyState, node_addresses: Iterable[str], scheduler: str) -> _Context:
+    node_addresses = list(node_addresses)
+    np_addrs = nodeport_addresses(state, node_addresses)
+    return _Context(
+        np_addrs,
+        frozenset(np_addrs) | {a for a in (canonical_ip(x) for x in node_addresses) if a},
+        tuple(ipaddress.ip_address(a) for a in (canonical_ip(x) for x in state.node_ips) if a),
+        scheduler,
+    )
 
 
 def _endpoints(eps: Iterable, family: IPFamily) -> dict[Dest, None]:
@@ -488,57 +722,6 @@ def _endpoints(eps: Iterable, family: IPFamily) -> dict[Dest, None]:
         if ip is not None and _family_of(ip) == family and 0 < ep.port < 65536:
             out[(ip, ep.port)] = None
     return out
-
-
-def _port_order(item: tuple[tuple[ServicePortName, IPFamily], ServicePort]) -> tuple:
-    # ServicePortName's generated ordering builds tuples per comparison: slow at 10k ports.
-    n, family = item[0]
-    return (n.namespace, n.name, n.port, n.protocol, family)
-
-
-def desired_state(
-    state: ProxyState,
-    node_addresses: Iterable[str],
-    families: Iterable[IPFamily],
-    scheduler: str = "rr",
-    cache: PlanCache | None = None,
-) -> Desired:
-    """What lbd wants in the kernel for `state` (node ports on `node_addresses`)."""
-    families = set(families)
-    d = Desired()
-    for spec in set_specs(families):
-        d.specs[spec.name] = spec
-        d.sets[spec.name] = {}
-    node_addresses = list(node_addresses)
-    np_addrs = nodeport_addresses(state, node_addresses)
-    ctx = _Context(
-        np_addrs,
-        frozenset(np_addrs) | {a for a in (canonical_ip(x) for x in node_addresses) if a},
-        tuple(ipaddress.ip_address(a) for a in (canonical_ip(x) for x in state.node_ips) if a),
-        scheduler,
-    )
-    if cache is not None:
-        ctx = cache.context(ctx)
-    marks = fwmarks(
-        sp.key
-        for sp in state.service_ports.values()
-        if sp.external_policy_local and sp.has_external_frontends and sp.cluster_endpoints
-    )
-    seen = set()
-    for _, sp in sorted(state.service_ports.items(), key=_port_order):
-        if sp.family not in families:
-            continue
-        mark = marks.get(sp.key, 0)
-        if cache is None:
-            d.add(_contribution(sp, ctx, mark))
-        else:
-            seen.add(sp.key)
-            d.add(cache.contribution(sp, ctx, mark))
-    if cache is not None:
-        cache.forget_except(seen)
-    for ip in d.addresses:
-        d.sets[set_name(SetBase.IPVS_IPS, _family_of(ip))][Member(ip)] = NO_EXTENSION
-    return d
 
 
 def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
@@ -642,7 +825,11 @@ def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
             entry(SetBase.SHORT_CIRCUIT, Member(k.addr, proto, k.port), Extension(mark=mark))
             for k in external_keys
         )
-    entries.extend(entry(SetBase.LOOP_BACK, Member(ip, proto, p, ip)) for ip, p in used)
+    # Hairpin: only a pod on this node can reach itself through the service here.
+    local = _endpoints((e for e in (*sp.cluster_endpoints, *sp.local_endpoints) if e.is_local), fam)
+    entries.extend(
+        entry(SetBase.LOOP_BACK, Member(ip, proto, p, ip)) for ip, p in used if (ip, p) in local
+    )
     return _Contribution(tuple(frontends), tuple(entries))
 
 
@@ -656,6 +843,8 @@ class Plan:
     draining: dict[tuple[VSKey, Dest], float]  # weight-0 real servers → since when
     changed_service_ports: int
     conflicts: list[str]
+    families: tuple[IPFamily, ...] = (IPFamily.V4,)
+    owned_services: int = 0  # lbd's virtual servers once the plan is applied
 
     def count(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -665,17 +854,7 @@ class Plan:
 
 
 _ORDER = {kind: i for i, kind in enumerate(OpKind)}
-
-
-def families_for(state: ProxyState, view: KernelView) -> list[IPFamily]:
-    """IPv4 always; IPv6 once the state has IPv6 service ports, and for as long as lbd's
-    IPv6 sets exist (so they are emptied rather than left behind)."""
-    families = [IPFamily.V4]
-    if any(k[1] == IPFamily.V6 for k in state.service_ports) or any(
-        n.startswith("LBD6-") for n in view.sets
-    ):
-        families.append(IPFamily.V6)
-    return families
+_ABSENT = Extension(comment="\0absent")  # never a real extension
 
 
 def plan(
@@ -686,119 +865,200 @@ def plan(
     now: float = 0.0,
     draining: Mapping[tuple[VSKey, Dest], float] | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
-    cache: PlanCache | None = None,
+    planner: Planner | None = None,
+    changes_only: bool = False,
 ) -> Plan:
     """The ops that turn `view` into what `state` needs, in a safe order.
 
     `draining`: TCP real servers lbd set to weight 0, and when (`now` is on the same clock);
     one found at weight 0 without a record is treated as starting to drain now.
+    `planner`: keeps the desired state between plans (a fresh one per call otherwise).
+    `changes_only`: diff only what changed in the desired state since the planner's
+    previous plan (and the draining real servers), trusting that `view` is that plan's
+    `expected`; otherwise everything is compared, as a full sync must.
     """
     draining = draining or {}
-    families = families_for(state, view)
-    want = desired_state(state, view.node_addresses, families, scheduler, cache)
-    ops: list[Op] = []
-    touched: set[str] = set()
-    new_draining: dict[tuple[VSKey, Dest], float] = {}
-    expected_services: dict[VSKey, ServiceView] = {}
-
-    # --- virtual servers and real servers
-    for key, svc in want.services.items():
+    if planner is None:
+        planner, changes_only = Planner(), False
+    want = planner.update(state, view, scheduler)
+    touched_services, touched_members = want.take_touched()
+    changes_only = changes_only and not planner.rebuilt
+    if changes_only:
+        service_keys: Iterable[VSKey] = sorted(
+            touched_services | {k for k, _ in draining if k in view.services}
+        )
+        services = dict(view.services)
+    else:
+        service_keys = [*want.services, *(k for k in view.services if k not in want.services)]
+        services = {}
+        touched_members = set()
+    d = _Diff(view, draining, now, grace_period)
+    for key in service_keys:
+        svc = want.services.get(key)
         have = view.services.get(key)
+        after = d.service(key, svc, have) if svc is not None else d.unwanted(key, have)
+        if after is None:
+            services.pop(key, None)
+        else:
+            services[key] = after
+
+    # --- ipsets
+    sets: dict[str, dict[Member, Extension]] = dict(view.sets)
+    for name, spec in want.specs.items():
+        if name not in view.sets:
+            d.ops.append(Op(OpKind.CREATE_SET, set=spec))
+    if changes_only:
+        copied: set[str] = set()
+        for name, m in sorted(touched_members):
+            ext = want.sets[name].get(m, _ABSENT)
+            have_set = view.sets.get(name, {})
+            if have_set.get(m, _ABSENT) == ext:
+                continue
+            if name not in copied:
+                copied.add(name)
+                sets[name] = dict(have_set)
+            if ext is _ABSENT:
+                d.ops.append(Op(OpKind.DEL_MEMBER, set=want.specs[name], member=m))
+                del sets[name][m]
+            else:
+                d.ops.append(Op(OpKind.ADD_MEMBER, set=want.specs[name], member=m, ext=ext))
+                sets[name][m] = ext
+        for name in want.specs:
+            if name not in view.sets and name not in copied:
+                sets[name] = dict(want.sets[name])
+    else:
+        for name, members in want.sets.items():
+            spec = want.specs[name]
+            have_members = view.sets.get(name, {})
+            for m, ext in members.items():
+                if have_members.get(m) != ext:
+                    d.ops.append(Op(OpKind.ADD_MEMBER, set=spec, member=m, ext=ext))
+            for m in have_members:
+                if m not in members:
+                    d.ops.append(Op(OpKind.DEL_MEMBER, set=spec, member=m))
+            sets[name] = dict(members)
+
+    # --- the dummy interface and its addresses
+    if not view.dummy_exists:
+        d.ops.append(Op(OpKind.CREATE_DUMMY))
+    if changes_only:
+        # `view` is the previous plan's expectation: no link-local address in it.
+        added, removed = set(), set()
+        for name, m in touched_members:
+            if want.is_address(name):
+                if m in want.sets[name]:
+                    added.add(m.ip)
+                else:
+                    removed.add(m.ip)
+        added -= view.dummy_addresses
+        removed &= view.dummy_addresses
+        addresses = view.dummy_addresses
+        if added or removed:
+            addresses = (addresses - removed) | added
+    else:
+        addresses = frozenset(want.addresses())
+        # The kernel gives the (up) dummy an IPv6 link-local address of its own: not a VIP.
+        bound = {ip for ip in view.dummy_addresses if not ip.startswith("fe80:")}
+        added, removed = addresses - bound, bound - addresses
+    d.ops.extend(Op(OpKind.ADD_ADDRESS, address=ip) for ip in sorted(added))
+    d.ops.extend(Op(OpKind.DEL_ADDRESS, address=ip) for ip in sorted(removed))
+    d.ops.sort(key=lambda op: _ORDER[op.kind])  # stable: keeps each kind's own order
+    expected = KernelView(
+        services=services,
+        sets=sets,
+        set_kinds={**view.set_kinds, **{n: s.kind for n, s in want.specs.items()}},
+        dummy_exists=True,
+        dummy_addresses=frozenset(addresses),
+        node_addresses=view.node_addresses,
+    )
+    return Plan(
+        d.ops,
+        expected,
+        d.draining,
+        len(d.touched) + d.deleted,
+        want.conflicts,
+        tuple(sorted(want.families)),
+        len(want.services),
+    )
+
+
+class _Diff:
+    """Compares one virtual server at a time with the kernel's, collecting the ops."""
+
+    def __init__(
+        self,
+        view: KernelView,
+        draining: Mapping[tuple[VSKey, Dest], float],
+        now: float,
+        grace_period: float,
+    ) -> None:
+        self.view = view
+        self.old_draining = draining
+        self.now = now
+        self.grace_period = grace_period
+        self.ops: list[Op] = []
+        self.draining: dict[tuple[VSKey, Dest], float] = {}
+        self.touched: set[str] = set()  # service ports with ops
+        self.deleted = 0
+
+    def unwanted(self, key: VSKey, have: ServiceView | None) -> ServiceView | None:
+        """A virtual server lbd does not want: deleted if lbd's, else left alone."""
+        if have is None:
+            return None
+        if self.view.owns(key):
+            self.ops.append(Op(OpKind.DEL_SERVICE, vs=have.vs))
+            self.deleted += 1
+            return None
+        return have  # someone else's: never touched
+
+    def service(self, key: VSKey, svc: _DesiredService, have: ServiceView | None) -> ServiceView:
+        ops = self.ops
         expected_dests: dict[Dest, RealServer] = {}
         if have is None:
             ops.append(Op(OpKind.ADD_SERVICE, vs=svc.vs))
             for ip, port in svc.dests:
                 ops.append(Op(OpKind.ADD_DEST, vs=svc.vs, dest=RealServer(ip, port)))
                 expected_dests[(ip, port)] = RealServer(ip, port)
-            touched.add(svc.owner)
-            expected_services[key] = ServiceView(svc.vs, expected_dests)
-            continue
+            self.touched.add(svc.owner)
+            return ServiceView(svc.vs, expected_dests)
         if (have.vs.scheduler, have.vs.persistence) != (svc.vs.scheduler, svc.vs.persistence):
             ops.append(Op(OpKind.EDIT_SERVICE, vs=svc.vs))
-            touched.add(svc.owner)
+            self.touched.add(svc.owner)
         for dest in svc.dests:
             rs = have.dests.get(dest)
             if rs is None:
                 ops.append(Op(OpKind.ADD_DEST, vs=svc.vs, dest=RealServer(*dest)))
-                touched.add(svc.owner)
+                self.touched.add(svc.owner)
                 expected_dests[dest] = RealServer(*dest)
             elif rs.weight != 1:
                 # A draining real server that is wanted again serves again.
                 ops.append(Op(OpKind.EDIT_DEST, vs=svc.vs, dest=RealServer(*dest)))
-                touched.add(svc.owner)
+                self.touched.add(svc.owner)
                 expected_dests[dest] = RealServer(rs.ip, rs.port, 1, rs.active, rs.inactive)
             else:
                 expected_dests[dest] = rs
         for dest, rs in have.dests.items():
             if dest in svc.dests:
                 continue
-            touched.add(svc.owner)
+            self.touched.add(svc.owner)
             if svc.protocol != Protocol.TCP:
                 ops.append(Op(OpKind.DEL_DEST, vs=svc.vs, dest=rs))
                 continue
             # The connection counts of a real server already at weight 0 are fresh (the
             # backend re-reads them every sync); anyone else's may be cached, so a real
             # server always drains first and is deleted at a later sync.
-            since = draining.get((key, dest), now) if rs.weight == 0 else now
+            since = self.old_draining.get((key, dest), self.now) if rs.weight == 0 else self.now
             drained = rs.weight == 0 and rs.active + rs.inactive == 0
-            if drained or now - since >= grace_period:
+            if drained or self.now - since >= self.grace_period:
                 ops.append(Op(OpKind.DEL_DEST, vs=svc.vs, dest=rs))
                 continue
             if rs.weight != 0:
                 ops.append(
                     Op(OpKind.EDIT_DEST, vs=svc.vs, dest=RealServer(rs.ip, rs.port, weight=0))
                 )
-            new_draining[(key, dest)] = since
+            self.draining[(key, dest)] = since
             expected_dests[dest] = RealServer(rs.ip, rs.port, 0, rs.active, rs.inactive)
-        expected_services[key] = ServiceView(svc.vs, expected_dests)
-    deleted_services = 0
-    for key, have in view.services.items():
-        if key in want.services:
-            continue
-        if view.owns(key):
-            ops.append(Op(OpKind.DEL_SERVICE, vs=have.vs))
-            deleted_services += 1
-        else:
-            expected_services[key] = have  # someone else's: never touched
-
-    # --- ipsets
-    expected_sets: dict[str, dict[Member, Extension]] = {}
-    for name, members in want.sets.items():
-        spec = want.specs[name]
-        have_members = view.sets.get(name)
-        if have_members is None:
-            ops.append(Op(OpKind.CREATE_SET, set=spec))
-            have_members = {}
-        for m, ext in members.items():
-            if have_members.get(m) != ext:
-                ops.append(Op(OpKind.ADD_MEMBER, set=spec, member=m, ext=ext))
-        for m in have_members:
-            if m not in members:
-                ops.append(Op(OpKind.DEL_MEMBER, set=spec, member=m))
-        expected_sets[name] = dict(members)
-    for name, have_members in view.sets.items():
-        if name not in want.sets:
-            expected_sets[name] = dict(have_members)  # e.g. IPv6 sets on an IPv4-only state
-
-    # --- the dummy interface and its addresses
-    if not view.dummy_exists:
-        ops.append(Op(OpKind.CREATE_DUMMY))
-    # The kernel gives the (up) dummy an IPv6 link-local address of its own: not a VIP.
-    bound = {ip for ip in view.dummy_addresses if not ip.startswith("fe80:")}
-    for ip in sorted(want.addresses - bound):
-        ops.append(Op(OpKind.ADD_ADDRESS, address=ip))
-    for ip in sorted(bound - want.addresses):
-        ops.append(Op(OpKind.DEL_ADDRESS, address=ip))
-    ops.sort(key=lambda op: _ORDER[op.kind])  # stable: keeps each kind's own order
-    expected = KernelView(
-        services=expected_services,
-        sets=expected_sets,
-        set_kinds={**view.set_kinds, **{n: s.kind for n, s in want.specs.items()}},
-        dummy_exists=True,
-        dummy_addresses=frozenset(want.addresses),
-        node_addresses=view.node_addresses,
-    )
-    return Plan(ops, expected, new_draining, len(touched) + deleted_services, want.conflicts)
+        return ServiceView(svc.vs, expected_dests)
 
 
 # --- iptables: a constant set of rules ---------------------------------------------------------
