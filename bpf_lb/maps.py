@@ -16,6 +16,7 @@ import array
 import ctypes as ct
 import functools
 import ipaddress
+import itertools
 import socket
 import struct
 from collections.abc import Iterable
@@ -561,6 +562,8 @@ def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes]:
 
 
 _SLOT = struct.Struct("=H")
+assert array.array("I").itemsize == U32.size
+_U32_ARRAY = functools.partial(array.array, "I")
 _SLOT_VAL = struct.Struct("=I16x")  # a backend slot: backend_id, the rest zero
 
 
@@ -577,6 +580,15 @@ def pack_svc_keys(keys: Iterable[tuple[Frontend, int]]) -> bytes:
             last = fe
         parts += (pre, pack_slot(slot), post)
     return b"".join(parts)
+
+
+def pack_u32s(values: Iterable[int]) -> bytes:
+    """u32 map keys (ids) back to back, in one C-level conversion."""
+    return _U32_ARRAY(values).tobytes()
+
+
+def pack_aff_match_keys(keys: Iterable[tuple[int, int]]) -> bytes:
+    return b"".join(itertools.starmap(AFF_MATCH_KEY.pack, keys))
 
 
 def pack_svc_vals(values: Iterable[ServiceValue]) -> bytes:

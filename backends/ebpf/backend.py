@@ -272,7 +272,7 @@ class EbpfBackend:
             touched = None if reread else self._touched_rev_nat_ids(view, p.ops)
             t = time.monotonic()
             try:
-                timings["syscalls"] = self.datapath.apply_ops(p.ops, view)
+                timings["syscalls"] = self.datapath.apply_ops(p.ops, view, p.op_runs())
             except Exception:
                 self._view = None  # the kernel is somewhere between two states
                 self._synced = None
@@ -282,10 +282,8 @@ class EbpfBackend:
             pause.freeze = reread or len(p.ops) >= FREEZE_AFTER_OPS
             if touched is not None:
                 touched |= self._touched_rev_nat_ids(view, p.ops)
-            backends_removed = any(op.map == BACKENDS and op.is_delete for op in p.ops)
-            slots_changed = detail.get("lbd_services_write", 0) + detail.get(
-                "lbd_services_delete", 0
-            )
+            backends_removed = detail.get(f"{BACKENDS}_delete", 0)
+            slots_changed = detail.get(f"{SERVICES}_write", 0) + detail.get(f"{SERVICES}_delete", 0)
             if backends_removed or slots_changed or reread:
                 detail["conntrack_deleted"] = self._clean_udp(view, touched)
             self._export_fill(view)

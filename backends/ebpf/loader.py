@@ -42,6 +42,8 @@ from backends.ebpf.plan import (
     SVC_NAMES,
     MapView,
     Op,
+    Run,
+    runs_of,
 )
 from bpf_lb import bpfsys, maps
 from bpf_lb.maglev import DEFAULT_TABLE_SIZE, validate_table_size
@@ -572,23 +574,20 @@ class Datapath:
         """Perform one planned write (deleting something already gone is not an error)."""
         self.apply_ops([op])
 
-    def apply_ops(self, ops: Sequence[Op], view: MapView | None = None) -> int:
+    def apply_ops(
+        self, ops: Sequence[Op], view: MapView | None = None, runs: Sequence[Run] | None = None
+    ) -> int:
         """Perform planned writes in their order, each run of writes (or deletions) to one
-        map in one batched syscall; record each run in `view` once it is in. Returns the
+        map in one batched syscall; record each run in `view` once it is in. `runs` are
+        the maximal runs of `ops` when the caller has them (Plan.runs). Returns the
         number of syscalls made. Raises bpfsys.MapFullError when a map has no room (the
         runs before it are in, and recorded)."""
         calls = 0
-        i, n = 0, len(ops)
-        while i < n:
-            name, delete = ops[i].map, ops[i].value is None
-            j = i + 1
-            while j < n and ops[j].map == name and (ops[j].value is None) == delete:
-                j += 1
-            run = ops[i:j]
+        for name, delete, start, stop in runs if runs is not None else runs_of(ops):
+            run = ops[start:stop]
             calls += self._write_run(name, delete, run)
             if view is not None:
-                view.apply_all(run)
-            i = j
+                view.apply_run(name, delete, run)
         return calls
 
     def _write_run(self, name: str, delete: bool, run: Sequence[Op]) -> int:
@@ -605,8 +604,10 @@ class Datapath:
         ks, vs = self._sizes(name)
         if name == SERVICES:
             keys = maps.pack_svc_keys([op[1] for op in run])
-        else:
-            keys = b"".join([self._pack_key(name, op.key) for op in run])
+        elif name == AFF_MATCH:
+            keys = maps.pack_aff_match_keys([op[1] for op in run])
+        else:  # u32 ids
+            keys = maps.pack_u32s([op[1] for op in run])
         fd = self._fd(name)
         if delete:
             bpfsys.map_delete(fd, keys, ks)
@@ -624,13 +625,6 @@ class Datapath:
             raise bpfsys.MapFullError(
                 e.errno, f"{name} is full ({limit} entries): {e.strerror}"
             ) from e
-
-    def _pack_key(self, name: str, key: Any) -> bytes:
-        if name == SERVICES:
-            return maps.pack_svc_key(*key)
-        if name == AFF_MATCH:
-            return maps.AFF_MATCH_KEY.pack(*key)
-        return maps.U32.pack(key)
 
     def _pack_value(self, name: str, value: Any) -> bytes:
         if name == SERVICES:

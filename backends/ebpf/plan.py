@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import operator
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -214,36 +215,65 @@ class MapView:
         else:  # pragma: no cover - a planner bug
             raise ValueError(f"unknown map {m}")
 
-    def apply_all(self, ops: Sequence[Op]) -> None:
-        """`apply` each of `ops`, with fast paths for what a full sync writes in bulk
-        (new service slots and backends: a quarter of a million at 10k services)."""
+    def apply_all(self, ops: Sequence[Op], runs: Sequence[Run] | None = None) -> None:
+        """`apply` each of `ops` (whose maximal runs are `runs`, if known)."""
+        for m, delete, start, stop in runs if runs is not None else runs_of(ops):
+            self.apply_run(m, delete, ops[start:stop])
+
+    def apply_run(self, m: str, delete: bool, ops: Sequence[Op]) -> None:
+        """`apply` each of `ops`, all writes (or all deletions, `delete`) to map `m`, with
+        fast paths for what a full sync writes in bulk (new service slots and backends: a
+        quarter of a million at 10k services): one loop per run, no per-op dispatch."""
         ix = self._ix
-        services, backends = self.services, self.backends
-        hw = self.high_water
-        for op in ops:
-            m, key, value = op
-            if value is None or ix is None:
+        if delete or ix is None:
+            for op in ops:
                 self.apply(op)
-            elif m == SERVICES and key[1] and key not in services:
+        elif m == SERVICES:
+            services, fe_slots, refs = self.services, ix.fe_slots, ix.backend_refs
+            last: Frontend | None = None
+            slots: dict[int, ServiceValue] = {}
+            for op in ops:
+                key = op[1]
+                slot = key[1]
+                if not slot or key in services:  # a head, or a slot rewritten
+                    self.apply(op)
+                    last = None
+                    continue
+                value = op[2]
                 services[key] = value
                 fe = key[0]
-                slots = ix.fe_slots.get(fe)
-                if slots is None:
-                    ix.fe_slots[fe] = slots = {}
-                slots[key[1]] = value
+                if fe is not last:  # a plan writes one frontend's slots together
+                    got = fe_slots.get(fe)
+                    if got is None:
+                        fe_slots[fe] = got = {}
+                    slots, last = got, fe
+                slots[slot] = value
                 bid = value[0]
-                ix.backend_refs[bid] = ix.backend_refs.get(bid, 0) + 1
-            elif m == BACKENDS and key not in backends:
+                refs[bid] = refs.get(bid, 0) + 1
+        elif m == BACKENDS:
+            backends, backend_ids = self.backends, ix.backend_ids
+            top = self.high_water.get(BACKENDS, 0)
+            for op in ops:
+                key = op[1]
+                if key in backends:
+                    self.apply(op)
+                    continue
+                value = op[2]
                 backends[key] = value
-                if key > hw.get(BACKENDS, 0):
-                    hw[BACKENDS] = key
-                addr = (value.addr, value.port)
-                ids = ix.backend_ids.get(addr)
+                if key > top:
+                    top = key
+                addr = (value[0], value[1])
+                ids = backend_ids.get(addr)
                 if ids is None:
-                    ix.backend_ids[addr] = [key]
+                    backend_ids[addr] = [key]
                 else:
                     ids.append(key)
-            else:
+            self._mark(BACKENDS, top)
+        elif m == REV_NAT:  # no index: one bulk update
+            self.rev_nat.update(map(_KEY_VALUE, ops))
+            self._mark(REV_NAT, max(op[1] for op in ops))
+        else:
+            for op in ops:
                 self.apply(op)
 
 
@@ -405,20 +435,72 @@ class Op(NamedTuple):
         return self.value is None
 
 
+class Run(NamedTuple):
+    """`ops[start:stop]`: consecutive writes (or deletions) to one map, which the loader
+    sends in one batched syscall."""
+
+    map: str
+    delete: bool
+    start: int
+    stop: int
+
+
+def runs_of(ops: Sequence[Op]) -> tuple[Run, ...]:
+    """The maximal runs of `ops` (one map, all writes or all deletions), in order."""
+    out: list[Run] = []
+    i, n = 0, len(ops)
+    while i < n:
+        name, delete = ops[i].map, ops[i].value is None
+        j = i + 1
+        while j < n and ops[j].map == name and (ops[j].value is None) == delete:
+            j += 1
+        out.append(Run(name, delete, i, j))
+        i = j
+    return tuple(out)
+
+
+class _Assembly:
+    """Ops appended a list at a time, each list one map's writes or deletions, with the
+    runs recorded as they grow: a plan of a quarter of a million ops is then never walked
+    op by op to find them (the loader and `Plan.counts` need only the runs)."""
+
+    __slots__ = ("ops", "runs")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.runs: list[Run] = []
+
+    def add(self, m: str, delete: bool, ops: list[Op]) -> None:
+        if not ops:
+            return
+        start = len(self.ops)
+        self.ops += ops
+        last = self.runs[-1] if self.runs else None
+        if last is not None and last.map == m and last.delete == delete:
+            self.runs[-1] = Run(m, delete, last.start, len(self.ops))
+        else:
+            self.runs.append(Run(m, delete, start, len(self.ops)))
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     ops: tuple[Op, ...]
     changed_service_ports: int
     frontends: int  # frontend entries (slot 0) the state wants, both scopes
     backends: int  # backend entries once the plan is applied
+    # the maximal runs of `ops` (runs_of(ops)); None: found when asked
+    runs: tuple[Run, ...] | None = None
+
+    def op_runs(self) -> tuple[Run, ...]:
+        return self.runs if self.runs is not None else runs_of(self.ops)
 
     def counts(self) -> dict[str, int]:
         """Writes and deletions per map ("lbd_services_write": n, ...)."""
-        runs: dict[tuple[str, bool], int] = {}
-        for m, _, value in self.ops:
-            k = (m, value is None)
-            runs[k] = runs.get(k, 0) + 1
-        return {f"{m}_{'delete' if d else 'write'}": n for (m, d), n in runs.items()}
+        out: dict[str, int] = {}
+        for m, delete, start, stop in self.op_runs():
+            k = f"{m}_{'delete' if delete else 'write'}"
+            out[k] = out.get(k, 0) + stop - start
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,27 +824,23 @@ def _config(state: ProxyState, options: PlanOptions) -> Config:
     )
 
 
-def _backend_of(ep: Endpoint, family: int) -> Backend | None:
-    return _backend(ep.ip, ep.port, family, ep.is_local)
-
-
-def _backend(ip: str, port: int, family: int, local: bool) -> Backend | None:
-    # not cached: FrontendCache keeps each service port's backends while it is unchanged
-    addr = _canonical(ip, family)
-    if addr is None or not 0 < port < 65536:
-        return None
-    return Backend(addr, port, family, BACKEND_LOCAL if local else 0)
-
-
 def _backends_of(
     endpoints: tuple[Endpoint, ...], family: int
 ) -> tuple[tuple[tuple[str, int], Backend], ...]:
+    # _backend inlined: this runs for every endpoint of the state on a first sync
+    if not endpoints:
+        return ()
     seen: dict[tuple[str, int], Backend] = {}
+    canonical, new = _canonical, _new
     for ep in endpoints:
-        b = _backend(ep.ip, ep.port, family, ep.is_local)
-        if b is not None and (b.addr, b.port) not in seen:
-            seen[(b.addr, b.port)] = b
-    return tuple((k, seen[k]) for k in sorted(seen))
+        addr = canonical(ep.ip, family)
+        port = ep.port
+        if addr is None or not 0 < port < 65536:
+            continue
+        key = (addr, port)
+        if key not in seen:
+            seen[key] = new(Backend, (addr, port, family, BACKEND_LOCAL if ep.is_local else 0))
+    return tuple(sorted(seen.items()))  # keys are unique: never compares two Backends
 
 
 def _changed_keys(previous: ProxyState, state: ProxyState) -> list[object]:
@@ -971,7 +1049,7 @@ def plan(
                 maglev_writes[sid] = tuple(by_name[n] for n in table)
 
     # --- services: slot 0 + slots, diffed per frontend ----------------------------------
-    service_groups: list[list[Op]] = []
+    service_groups: list[tuple[list[Op], list[Op]]] = []  # (writes, deletions) per frontend
     changed_ports: set[str] = set()
     want_ranges: set[SourceRange] = set()
     # INT entries before the EXT entries that announce them
@@ -1021,13 +1099,14 @@ def plan(
                         _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, *_ZEROS))))
                     )
         slot_deletes = [Op(SERVICES, (fe, i)) for i in sorted(cur) if i > len(slots)]
-        head = [Op(SERVICES, (fe, 0), entry)] if cur0 != entry else []
-        if len(slots) >= old_count:
-            group = slot_writes + head + slot_deletes
-        else:
-            group = head + slot_writes + slot_deletes
-        if group:
-            service_groups.append(group)
+        if cur0 != entry:
+            head = Op(SERVICES, (fe, 0), entry)
+            if len(slots) >= old_count:
+                slot_writes.append(head)
+            else:
+                slot_writes.insert(0, head)
+        if slot_writes or slot_deletes:
+            service_groups.append((slot_writes, slot_deletes))
             changed_ports.add(_port_of(want.view_key))
     removed_groups: list[list[Op]] = []
     for fe in sorted(set(current_slots) - set(wants), key=_order):
@@ -1089,39 +1168,56 @@ def plan(
         changed_ports.add(_port_of(view.svc_names[sid]))
 
     # --- assemble: creations, services, then deletions ----------------------------------
-    ops: list[Op] = []
+    out = _Assembly()
     if view.config != config:
-        ops.append(Op(CONFIG, 0, config))
+        out.add(CONFIG, False, [Op(CONFIG, 0, config)])
     have_b = view.backends
-    ops += [
-        _new(Op, (BACKENDS, bid, b))
-        for bid, b in sorted(want_backends.items())
-        if have_b.get(bid) != b
-    ]
-    ops += [Op(REV_NAT, k, r) for k, r in sorted(want_rev.items()) if view.rev_nat.get(k) != r]
-    ops += [
-        Op(SVC_NAMES, k, n) for k, n in sorted(want_names.items()) if view.svc_names.get(k) != n
-    ]
-    ops += [Op(AFF_MATCH, k, True) for k in sorted(want_aff - view.aff_match)]
-    ops += [Op(SRC_RANGE, r, True) for r in sorted(want_ranges - view.src_ranges)]
-    ops += [Op(MAGLEV, sid, t) for sid, t in sorted(maglev_writes.items())]
-    for group in service_groups + removed_groups:
-        ops += group
-    ops += [Op(MAGLEV, sid) for sid in del_maglev]
-    ops += [Op(SRC_RANGE, r) for r in del_ranges]
-    ops += [Op(AFF_MATCH, k) for k in del_aff]
-    ops += [Op(SVC_NAMES, sid) for sid in del_names]
-    ops += [Op(REV_NAT, rid) for rid in del_rev]
-    ops += [Op(BACKENDS, bid) for bid in del_backends]
+    out.add(
+        BACKENDS,
+        False,
+        [
+            _new(Op, (BACKENDS, bid, b))
+            for bid, b in sorted(want_backends.items())
+            if have_b.get(bid) != b
+        ],
+    )
+    out.add(
+        REV_NAT,
+        False,
+        [Op(REV_NAT, k, r) for k, r in sorted(want_rev.items()) if view.rev_nat.get(k) != r],
+    )
+    out.add(
+        SVC_NAMES,
+        False,
+        [Op(SVC_NAMES, k, n) for k, n in sorted(want_names.items()) if view.svc_names.get(k) != n],
+    )
+    out.add(AFF_MATCH, False, [Op(AFF_MATCH, k, True) for k in sorted(want_aff - view.aff_match)])
+    out.add(
+        SRC_RANGE, False, [Op(SRC_RANGE, r, True) for r in sorted(want_ranges - view.src_ranges)]
+    )
+    out.add(MAGLEV, False, [Op(MAGLEV, sid, t) for sid, t in sorted(maglev_writes.items())])
+    for writes, deletes in service_groups:
+        out.add(SERVICES, False, writes)
+        out.add(SERVICES, True, deletes)
+    for group in removed_groups:
+        out.add(SERVICES, True, group)
+    out.add(MAGLEV, True, [Op(MAGLEV, sid) for sid in del_maglev])
+    out.add(SRC_RANGE, True, [Op(SRC_RANGE, r) for r in del_ranges])
+    out.add(AFF_MATCH, True, [Op(AFF_MATCH, k) for k in del_aff])
+    out.add(SVC_NAMES, True, [Op(SVC_NAMES, sid) for sid in del_names])
+    out.add(REV_NAT, True, [Op(REV_NAT, rid) for rid in del_rev])
+    out.add(BACKENDS, True, [Op(BACKENDS, bid) for bid in del_backends])
     return Plan(
-        ops=tuple(ops),
+        ops=tuple(out.ops),
         changed_service_ports=len(changed_ports),
         frontends=n_frontends,
         backends=len(have_b) + sum(1 for b in want_backends if b not in have_b) - len(del_backends),
+        runs=tuple(out.runs),
     )
 
 
 _EMPTY: dict[int, ServiceValue] = {}
+_KEY_VALUE = operator.itemgetter(1, 2)  # an Op's (key, value)
 _ZEROS = (0, 0, 0, 0, 0)
 _new = tuple.__new__
 

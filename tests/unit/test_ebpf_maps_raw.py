@@ -7,6 +7,8 @@ reading back must give the records that were written.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 from bpf_lb import maps
@@ -103,6 +105,18 @@ def test_addresses_are_parsed_strictly() -> None:
 def test_backends_in_bulk() -> None:
     bs = [Backend("10.244.1.11", 8080, FAMILY_V4, 1), Backend("fd00::1", 53, FAMILY_V6)]
     assert maps.pack_backends(bs) == b"".join(bytes(maps.encode_backend(b)) for b in bs)
+
+
+def test_ids_and_affinity_keys_in_bulk() -> None:
+    ids = [0, 1, 7, 2**32 - 1]
+    assert maps.pack_u32s(ids) == b"".join(bytes(ctypes.c_uint32(i)) for i in ids)
+    assert maps.unpack_u32_keys(maps.pack_u32s(ids)) == ids
+    with pytest.raises(OverflowError):
+        maps.pack_u32s([2**32])
+    keys = [(1, 2), (2**32 - 1, 5)]
+    assert maps.pack_aff_match_keys(keys) == b"".join(
+        bytes(maps.AffMatchKey(b, s)) for b, s in keys
+    )
 
 
 def test_conntrack_filter_keeps_udp_of_the_given_frontends() -> None:

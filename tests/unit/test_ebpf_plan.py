@@ -27,9 +27,11 @@ from backends.ebpf.plan import (
     Op,
     Plan,
     PlanOptions,
+    Run,
     apply_to_view,
     assign_slots,
     plan,
+    runs_of,
 )
 from bpf_lb import maglev
 from bpf_lb.maps import (
@@ -668,12 +670,42 @@ def test_incremental_plans_reach_what_a_full_plan_would(seq: list[ProxyState], a
     view, previous = MapView(), None
     for s in seq:
         p = plan(s, view, opts, previous=previous, cache=cache)
+        assert p.runs == runs_of(p.ops)  # recorded while assembling: the maximal runs
         view = apply_to_view(view, p.ops)
         previous = s
         # nothing left for a full comparison to do: the incremental plan was complete
         assert plan(s, view, opts).ops == ()
     # and an unchanged state plans nothing at all
     assert plan(seq[-1], view, opts, previous=seq[-1], cache=cache).ops == ()
+
+
+def test_runs_are_maximal_and_counted_per_map() -> None:
+    b = Backend("10.244.1.11", 8080, 4)
+    ops = [
+        Op(BACKENDS, 1, b),
+        Op(BACKENDS, 2, b),
+        Op(SERVICES, (fe(), 1), ServiceValue(1)),
+        Op(SERVICES, (fe(), 0), ServiceValue(0, 1, 1, 0, 1)),
+        Op(SERVICES, (fe(), 2)),
+        Op(BACKENDS, 3),
+        Op(BACKENDS, 4),
+    ]
+    runs = runs_of(ops)
+    assert runs == (
+        Run(BACKENDS, False, 0, 2),
+        Run(SERVICES, False, 2, 4),
+        Run(SERVICES, True, 4, 5),
+        Run(BACKENDS, True, 5, 7),
+    )
+    assert runs_of([]) == ()
+    p = Plan(tuple(ops), 1, 1, 2)  # runs not given: found from the ops
+    assert p.op_runs() == runs
+    assert p.counts() == {
+        "lbd_backends_write": 2,
+        "lbd_services_write": 2,
+        "lbd_services_delete": 1,
+        "lbd_backends_delete": 2,
+    }
 
 
 def test_an_incremental_plan_touches_only_the_changed_service_port() -> None:
@@ -701,7 +733,8 @@ def test_the_view_index_follows_every_write(seq: list[ProxyState]) -> None:
     for s in seq:
         view.index()  # maintained from here on by apply_all
         p = plan(s, view, PlanOptions(), previous=previous, cache=cache)
-        view.apply_all(p.ops)
+        assert p.runs == runs_of(p.ops)
+        view.apply_all(p.ops, p.runs)  # the loader's path: one apply_run per run
         previous = s
         fresh = _Index.build(view.copy())
         for name in _Index.__slots__:
