@@ -35,6 +35,7 @@ from typing import Any
 from benchmarks import control_plane
 from benchmarks import traffic_tools as tools
 from benchmarks.dp_cluster import (
+    CLIENT_PORT_RANGES,
     HTTP,
     IPERF,
     PATHS,
@@ -151,9 +152,10 @@ def run_test(env: BenchCluster, test: str, path: Path_, settings: Settings) -> J
         parse = tools.parse_sockperf
     else:
         raise ValueError(test)
+    counters = env.tcp_counters()
     started = time.monotonic()
     try:
-        proc = env.run_client(path.client, argv, timeout=secs + 60)
+        proc = env.run_client(path, argv, timeout=secs + 60)
     except subprocess.TimeoutExpired:
         raise tools.ToolFailed(f"{argv[0]} did not finish in {secs + 60:.0f} s") from None
     if proc.returncode != 0:
@@ -161,8 +163,13 @@ def run_test(env: BenchCluster, test: str, path: Path_, settings: Settings) -> J
             f"{argv[0]} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
         )
     # The tool's own wall time too: a run that took far longer than asked (a slow
-    # connect, a stuck teardown) is worth seeing beside its numbers.
-    return {**parse(proc.stdout), "wall_s": time.monotonic() - started}
+    # connect, a stuck teardown) is worth seeing beside its numbers; and the SYNs that
+    # had to be sent again (each costs a connection ~10 ms to 1 s, not the datapath's
+    # per-packet work), with how many of them the server's TIME_WAIT refused.
+    wall_s = time.monotonic() - started
+    after = env.tcp_counters()
+    tcp = {k: after[k] - counters[k] for k in counters}
+    return {**parse(proc.stdout), "wall_s": wall_s, "tcp": tcp}
 
 
 def metrics_of(test: str, sample: JSON) -> JSON:
@@ -381,6 +388,11 @@ def new_section(
             "tests": tests,
             "paths": [asdict(p) for p in PATHS],
             "references": REFERENCE,
+            # Client source ports of the direct / load-balanced paths (dp_cluster says why).
+            "client_port_ranges": {
+                "direct": CLIENT_PORT_RANGES[False],
+                "via_lb": CLIENT_PORT_RANGES[True],
+            },
             "targets": [asdict(t) for t in targets],
             "tools": tool_versions(),
             "http_server": None,

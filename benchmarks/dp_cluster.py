@@ -63,6 +63,22 @@ SERVER_START_TIMEOUT_S = 10.0
 # Many short connections from one client to one server: use the whole port range and
 # let TIME_WAIT ports be reused, or the client runs out of ports, not the datapath.
 _CLIENT_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1}
+# ...split in two, one half for the direct paths and one for the load-balanced ones
+# (keyed by Path_.via_lb; run_client switches before every run). A balanced path and its
+# reference end at the same server socket, and nginx, which closes first, keeps each
+# connection in TIME_WAIT for 60 s. A NAT that keeps the client's port (tc DNAT does)
+# makes a ClusterIP connection reach the server with the very 4-tuple of an earlier
+# direct one from that port, but the client's TCP timestamps carry an offset hashed from
+# the tuple *it* sees (VIP:80, not pod:8080; per connection on this kernel): about half
+# of those SYNs look older than the TIME_WAIT's last timestamp and PAWS rejects them
+# (server ACK, client RST, SYN again ~10 ms later: nstat TcpExtPAWSTimewait on the server,
+# TcpExtTCPSynRetrans on the client). With a whole port range cycled every few seconds
+# that halved the rate of whichever path ran second, direct or not. Socket LB (it
+# translates before the connection exists) and conntrack's NAT (it moves the source port
+# off a clashing tuple) are not exposed; a workload that mixes both addresses of one pod
+# at this rate is, on the tc path. Disjoint ranges measure each path against its own
+# history only, as a steady workload of one kind would run.
+CLIENT_PORT_RANGES = {False: "1024 33279", True: "33280 65535"}
 _SERVER_SYSCTLS = {"net.core.somaxconn": 4096, "net.ipv4.tcp_max_syn_backlog": 4096}
 
 _NGINX_CONF = """\
@@ -305,6 +321,16 @@ class BenchCluster(LbdEnv):
                 os.close(fd)
         return counts
 
+    def tcp_counters(self) -> dict[str, int]:
+        """Counters that tell a slow connection rate from a datapath's own cost: SYNs the
+        clients sent again (client namespaces) and SYNs the server's TIME_WAIT sockets
+        rejected by PAWS (server pod). Cumulative; run_test records the difference."""
+        out = {"syn_retrans": 0, "paws_rejected": 0}
+        for ns in (self.netns_of("pod"), self.netns_of("external")):
+            out["syn_retrans"] += _netstat(ns).get("TCPSynRetrans", 0)
+        out["paws_rejected"] = _netstat(self.cluster.pod(SERVER_POD).netns).get("PAWSTimewait", 0)
+        return out
+
     # -- addresses and clients -----------------------------------------------------------
 
     def netns_of(self, client: str) -> str:
@@ -323,11 +349,12 @@ class BenchCluster(LbdEnv):
         return self.cluster.pod(SERVER_POD).ipv4, port.target_port
 
     def run_client(
-        self, client: str, argv: Sequence[str], timeout: float
+        self, path: Path_, argv: Sequence[str], timeout: float
     ) -> subprocess.CompletedProcess[str]:
-        ns = self.netns_of(client)
+        ns = self.netns_of(path.client)
+        netns.set_sysctls(ns, {"net.ipv4.ip_local_port_range": CLIENT_PORT_RANGES[path.via_lb]})
         argv = self._pinned(argv, 0)
-        if client == "pod" and self.cgroups is not None:
+        if path.client == "pod" and self.cgroups is not None:
             return self.cgroups.run(self.cgroups.node(NODE), ns, argv, timeout=timeout)
         return netns.run(ns, argv, check=False, timeout=timeout)
 
@@ -345,3 +372,14 @@ class BenchCluster(LbdEnv):
         # Optional: client on CPU 0, servers on CPU 1. Off by default, because on a
         # shared machine a pinned process cannot flee a neighbour's busy core.
         return ["taskset", "-c", str(cpu), *argv] if self.pin_cpus else list(argv)
+
+
+def _netstat(ns: str) -> dict[str, int]:
+    """TcpExt counters of namespace `ns` (/proc/thread-self: the thread's namespace)."""
+    with netns.entered(ns), open("/proc/thread-self/net/netstat") as f:
+        lines = f.read().splitlines()
+    out: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            out.update(zip(names.split()[1:], map(int, values.split()[1:]), strict=False))
+    return out

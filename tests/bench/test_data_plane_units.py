@@ -7,6 +7,7 @@ wrong numbers in every table without any run failing, which is why they are pinn
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +166,32 @@ def test_target_verdicts_at_10k() -> None:
     assert checks["ebpf-tc"]["met"] is False and "not measured" in checks["ebpf-tc"]["measured"]
     section["runs"] = [run("ebpf-socket", 0.97), run("ebpf-tc", 0.91)]
     assert all(c["met"] for c in report_data.target_checks(section))
+
+
+def test_direct_and_balanced_paths_use_disjoint_client_ports(monkeypatch) -> None:
+    # A balanced path and its reference end at the same server socket. Sharing client
+    # ports, one path's SYNs met the other's TIME_WAIT sockets with unrelated TCP
+    # timestamps and half of them were refused by PAWS: the second path ran at ~half rate.
+    from benchmarks import dp_cluster
+
+    env = object.__new__(dp_cluster.BenchCluster)
+    env.pin_cpus = False
+    env.cgroups = None
+    monkeypatch.setattr(env, "netns_of", lambda client: f"ns-{client}")
+    written: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        dp_cluster.netns, "set_sysctls", lambda ns, values: written.append((ns, dict(values)))
+    )
+    monkeypatch.setattr(
+        dp_cluster.netns, "run", lambda ns, argv, **kw: subprocess.CompletedProcess(argv, 0)
+    )
+    ports = {}
+    for path in dp_cluster.PATHS:
+        env.run_client(path, ["true"], timeout=1)
+        ns, values = written[-1]
+        assert ns == f"ns-{path.client}"
+        lo, hi = map(int, values["net.ipv4.ip_local_port_range"].split())
+        ports[path.name] = set(range(lo, hi + 1))
+    for path, ref in dp_cluster.REFERENCE.items():
+        assert not ports[path] & ports[ref]
+        assert len(ports[path]) >= 30000  # still far more than a run keeps busy
