@@ -92,7 +92,7 @@ def dns(*endpoints: Endpoint) -> ServicePort:
 
 BASE = (
     web(A, B),
-    dns(ep("10.244.1.5", 53), ep("10.244.2.6", 53)),
+    dns(ep("10.244.1.5", 53, local=True), ep("10.244.2.6", 53)),
     sport("v6", "fd00:96::a", family=V6, endpoints=(ep("fd00:244::5"),)),
     sport("sig", "10.96.0.11", protocol=SCTP, port=36412, endpoints=(ep("10.244.1.5", 36412),)),
     sport(
@@ -157,7 +157,9 @@ def test_sync_programs_virtual_servers_ipsets_addresses_and_rules(ns):
     assert '10.96.0.10,tcp:80 comment "default/web:p"' in sets
     assert "203.0.113.20,tcp:80,198.51.100.0/24" in sets
     assert re.search(r"203\.0\.113\.20,tcp:80 skbmark 0x10[0-9a-f]{5}", sets), sets
-    assert "10.244.1.5,udp:53,10.244.1.5" in sets  # hairpin
+    # hairpin: this node's endpoints only (a remote pod cannot hairpin through this node)
+    assert "10.244.1.5,udp:53,10.244.1.5" in sets
+    assert "10.244.2.6,udp:53,10.244.2.6" not in sets
     assert "fd00:96::a,tcp:80" in run(ns, "ipset", "list", "LBD6-CLUSTER-IP")
 
     saved = run(ns, "iptables-save")
@@ -189,7 +191,7 @@ def test_sync_programs_virtual_servers_ipsets_addresses_and_rules(ns):
 def test_partial_syncs_drain_tcp_and_drop_udp_real_servers(ns):
     backend = IpvsBackend(netns=ns)
     backend.sync(state(*BASE), full=True)
-    changed = (web(A), dns(ep("10.244.1.5", 53)), *BASE[2:])
+    changed = (web(A), dns(ep("10.244.1.5", 53, local=True)), *BASE[2:])
     result = backend.sync(state(*changed), full=False)
     assert not result.full and result.changed_service_ports == 2
     got = ipvsadm(ns)
