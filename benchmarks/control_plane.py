@@ -88,10 +88,12 @@ def summarize(values: list[float]) -> JSON:
     }
 
 
-def _children_cpu() -> float:
-    """CPU of finished child processes (iptables-restore and friends), user + system."""
+def _children_cpu() -> tuple[float, float]:
+    """CPU of finished child processes (iptables-restore and friends): (user + system,
+    system). The system part is the kernel's work for them: with iptables-legacy, mostly
+    replacing the whole table on each commit, however small the change."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime + ru.ru_stime, ru.ru_stime
 
 
 @dataclass(slots=True)
@@ -101,10 +103,11 @@ class _Clock:
     wall: float
     cpu: float
     children: float
+    children_sys: float
 
     @classmethod
     def now(cls) -> _Clock:
-        return cls(time.perf_counter(), time.process_time(), _children_cpu())
+        return cls(time.perf_counter(), time.process_time(), *_children_cpu())
 
     def since(self, start: _Clock) -> JSON:
         return {
@@ -559,13 +562,14 @@ def _change_series(backend: Backend, driver: ChangeDriver, count: int, *, full: 
                     "sync_python_s": done.wall - built.wall - tools_wall(tools),
                     "cpu_s": done.cpu - start.cpu,
                     "children_cpu_s": done.children - start.children,
+                    "children_sys_s": done.children_sys - start.children_sys,
                     "tools": tools,
                     **_sync_record(result),
                 }
             )
     out: JSON = {"full": full, "count": count, "samples": samples}
     if samples:
-        for part in ("total_s", "build_s", "sync_s", "sync_python_s"):
+        for part in ("total_s", "build_s", "sync_s", "sync_python_s", "children_sys_s"):
             out[part.removesuffix("_s")] = summarize([s[part] for s in samples])
         names = sorted({name for s in samples for name in s["tools"]})
         # Median over all samples (0 where a sample did not run the tool).

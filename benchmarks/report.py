@@ -171,11 +171,12 @@ def breakdown_table(results: JSON) -> list[str]:
                 _ms(part["total"]["p50"]),
                 _ms(part["build"]["p50"]),
                 _ms(c_restore),
+                _ms(part["children_sys"]["p50"]) if "children_sys" in part else "–",
                 _ms(c_other),
                 _ms(part["sync_python"]["p50"]),
             ]
         else:
-            row += ["–"] * 5
+            row += ["–"] * 6
         rows.append(row)
     header = [
         "target",
@@ -190,6 +191,7 @@ def breakdown_table(results: JSON) -> list[str]:
         "change p50",
         "build_state",
         "restore",
+        "tools' kernel CPU",
         "other tools",
         "lbd Python in sync",
     ]
@@ -302,7 +304,10 @@ def control_markdown(results: JSON) -> list[str]:
         "Full sync: the median run; change: medians over the partial-sync changes. "
         "Tool times are wall times of the external programs (each through "
         "`ip netns exec`); lbd Python is the rest. CPU (this process plus the tools it ran) "
-        "is less sensitive than wall time to other load on the machine.",
+        "is less sensitive than wall time to other load on the machine. The tools' kernel "
+        "CPU is the system time of the programs one change ran: with iptables-legacy, "
+        "mostly the kernel replacing the whole nat table on each commit, a floor no "
+        "partial sync can go below.",
         "",
         *breakdown_table(results),
         "",
