@@ -230,17 +230,24 @@ class MapView:
                 self.apply(op)
         elif m == SERVICES:
             services, fe_slots, refs = self.services, ix.fe_slots, ix.backend_refs
+            insert = services.setdefault
             last: Frontend | None = None
             slots: dict[int, ServiceValue] = {}
             for op in ops:
-                key = op[1]
+                key, value = op[1], op[2]
                 slot = key[1]
-                if not slot or key in services:  # a head, or a slot rewritten
+                # setdefault + len: the key is hashed once (a (Frontend, slot) tuple's
+                # hash is not cached, and `in` followed by a store hashed it twice)
+                if slot:
+                    n = len(services)
+                    insert(key, value)
+                    added = len(services) > n
+                else:
+                    added = False
+                if not added:  # a head, or a slot rewritten (setdefault kept the old value)
                     self.apply(op)
                     last = None
                     continue
-                value = op[2]
-                services[key] = value
                 fe = key[0]
                 if fe is not last:  # a plan writes one frontend's slots together
                     got = fe_slots.get(fe)
@@ -252,14 +259,15 @@ class MapView:
                 refs[bid] = refs.get(bid, 0) + 1
         elif m == BACKENDS:
             backends, backend_ids = self.backends, ix.backend_ids
+            insert = backends.setdefault
             top = self.high_water.get(BACKENDS, 0)
             for op in ops:
-                key = op[1]
-                if key in backends:
+                key, value = op[1], op[2]
+                n = len(backends)
+                insert(key, value)
+                if len(backends) == n:  # rewritten (setdefault kept the old value)
                     self.apply(op)
                     continue
-                value = op[2]
-                backends[key] = value
                 if key > top:
                     top = key
                 addr = (value[0], value[1])

@@ -183,7 +183,13 @@ def test_a_full_map_is_reported_not_half_written(pin_dir: Path) -> None:
         # the kernel's own refusal (E2BIG) is an error naming the map, too
         fe = maps.Frontend("10.96.9.9", 80, maps.PROTO_TCP, 4)
         extra = [Op(SERVICES, (fe, i), maps.ServiceValue(1)) for i in range(1, 10)]
+        view = backend.datapath.read_view()
+        view.index()
         with pytest.raises(bpfsys.MapFullError, match="lbd_services is full"):
-            backend.datapath.apply_ops(extra)
+            backend.datapath.apply_ops(extra, view)
+        # the refused run is not recorded in the view (the kernel took what fitted)
+        kernel = backend.datapath.read_view().services
+        assert view.services.items() <= kernel.items()
+        assert len(view.services) == 36 and len(kernel) == 40
     finally:
         backend.cleanup()
