@@ -22,6 +22,18 @@
  *
  * Not handled (passed through untouched): IPv4 options and fragments, IPv6 extension
  * headers, SCTP, and ICMP errors about NATed flows.
+ *
+ * Known limit: a DNATed flow keeps the client's port and only load-balanced flows are
+ * tracked, so nothing moves the port off a tuple the backend still holds in TIME_WAIT
+ * from a *direct* connection of the same client, or the other way round (SNATed: from
+ * another client's flow through the same port, once its pair was collected 10 s after
+ * the close, while TIME_WAIT lasts 60 s). TCP timestamps are offset per tuple as the
+ * client sees it (frontend or backend address; another host), so about half such SYNs
+ * fail the backend's PAWS check: ACK, client RST, SYN retransmitted ~10 ms later.
+ * conntrack's NAT avoids it by remapping the port of a clashing tuple, socket LB by
+ * translating before the tuple exists. It takes a client mixing both addresses of one
+ * backend fast enough to cycle its ports within 60 s (the data-plane benchmark did,
+ * until it gave the two kinds of path separate client port ranges).
  */
 #include "lb.h"
 #include <uapi/linux/if_ether.h>
