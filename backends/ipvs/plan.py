@@ -42,9 +42,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
+from typing import NamedTuple
 
 from backends.iptables.render import Jump
-from lbd.model.state import IPFamily, Protocol, ProxyState, ServicePort, ServicePortName
+from lbd.model.state import (
+    Endpoint,
+    IPFamily,
+    Protocol,
+    ProxyState,
+    ServicePort,
+    ServicePortName,
+)
 
 DUMMY = "lbd-ipvs0"
 # Chain names deliberately do not start with "LBD-": the iptables mode owns every LBD-*
@@ -217,8 +225,10 @@ class VirtualServer:
     persistence: int = 0  # seconds of IPVS persistence (sessionAffinity); 0: none
 
 
-@dataclass(frozen=True, slots=True)
-class RealServer:
+class RealServer(NamedTuple):
+    """A real server of a virtual server. (A NamedTuple, like Op: a 10k-service sync
+    makes a hundred thousand of each, and a frozen dataclass costs twice as much to make.)"""
+
     ip: str
     port: int
     weight: int = 1
@@ -280,8 +290,7 @@ class OpKind(StrEnum):
     DEL_ADDRESS = "del_address"
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
+class Op(NamedTuple):
     """One kernel change. Which fields matter depends on `kind`."""
 
     kind: OpKind
@@ -679,7 +688,9 @@ class Planner:
         for k in gone:
             self._eligible.discard(self._owner[k])
         for k, sp in redo:
-            owner = self._owner.setdefault(k, sp.key)
+            owner = self._owner.get(k)
+            if owner is None:
+                owner = self._owner[k] = sp.key
             if _wants_fwmark(sp):
                 self._eligible.add(owner)
             else:
@@ -699,7 +710,8 @@ class Planner:
             d.put(self._owner.pop(k), (), None)
         for k, sp in redo:
             owner = self._owner[k]
-            d.put(owner, _port_order(k), _contribution(sp, ctx, self._marks.get(owner, 0)))
+            mark = self._marks.get(owner, 0)
+            d.put(owner, _port_order(k), _contribution(sp, owner, ctx, mark))
         d.track = True
         return d
 
@@ -724,16 +736,27 @@ def _endpoints(eps: Iterable, family: IPFamily) -> dict[Dest, None]:
     return out
 
 
-def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
+def _contribution(sp: ServicePort, owner: str, ctx: _Context, mark: int) -> _Contribution:
+    """What service port `sp` (whose key is `owner`) wants in the kernel."""
     fam = sp.family
     proto = IPPROTO[sp.protocol]
     name = str(sp.name)
     note = Extension(comment=name[:255])
     persistence = sp.session_affinity_timeout
-    internal = _endpoints(sp.internal_endpoints, fam)
-    external = _endpoints(sp.external_endpoints, fam)
-    cluster = _endpoints(sp.cluster_endpoints, fam)
-    has_endpoints = bool(cluster) or bool(_endpoints(sp.local_endpoints, fam))
+    # internal, external and cluster endpoints are mostly one and the same tuple
+    memo: dict[int, dict[Dest, None]] = {}
+
+    def dests_of(eps: tuple[Endpoint, ...]) -> dict[Dest, None]:
+        got = memo.get(id(eps))
+        if got is None:
+            got = memo[id(eps)] = _endpoints(eps, fam)
+        return got
+
+    internal = dests_of(sp.internal_endpoints)
+    external = dests_of(sp.external_endpoints)
+    cluster = dests_of(sp.cluster_endpoints)
+    local = dests_of(sp.local_endpoints)
+    has_endpoints = bool(cluster) or bool(local)
     frontends: list[_Frontend] = []
     entries: list[_Entry] = []
     used: dict[Dest, None] = {}
@@ -752,7 +775,7 @@ def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
             external_keys.append(key)
         address = "" if kind == "NodePort" or ip in ctx.local_ips else ip
         vs = VirtualServer(key, ctx.scheduler, persistence)
-        service = _DesiredService(vs, dests, sp.protocol, sp.key, name, kind)
+        service = _DesiredService(vs, dests, sp.protocol, owner, name, kind)
         frontends.append(_Frontend(service, tuple(extra), address))
         used.update(dests)
 
@@ -818,7 +841,7 @@ def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
     if mark and cluster:
         key = VSKey(fam, 0, "", 0, mark)
         vs = VirtualServer(key, ctx.scheduler, persistence)
-        service = _DesiredService(vs, cluster, sp.protocol, sp.key, name, "ShortCircuit")
+        service = _DesiredService(vs, cluster, sp.protocol, owner, name, "ShortCircuit")
         frontends.append(_Frontend(service, (), ""))
         used.update(cluster)
         entries.extend(
@@ -826,9 +849,10 @@ def _contribution(sp: ServicePort, ctx: _Context, mark: int) -> _Contribution:
             for k in external_keys
         )
     # Hairpin: only a pod on this node can reach itself through the service here.
-    local = _endpoints((e for e in (*sp.cluster_endpoints, *sp.local_endpoints) if e.is_local), fam)
+    here = _endpoints([e for e in sp.cluster_endpoints if e.is_local], fam) if used else {}
+    here.update(local)
     entries.extend(
-        entry(SetBase.LOOP_BACK, Member(ip, proto, p, ip)) for ip, p in used if (ip, p) in local
+        entry(SetBase.LOOP_BACK, Member(ip, proto, p, ip)) for ip, p in used if (ip, p) in here
     )
     return _Contribution(tuple(frontends), tuple(entries))
 
@@ -854,6 +878,7 @@ class Plan:
 
 
 _ORDER = {kind: i for i, kind in enumerate(OpKind)}
+_ADD_DEST = OpKind.ADD_DEST  # (a module constant: Enum attribute reads are slow)
 _ABSENT = Extension(comment="\0absent")  # never a real extension
 
 
@@ -1015,10 +1040,11 @@ class _Diff:
         ops = self.ops
         expected_dests: dict[Dest, RealServer] = {}
         if have is None:
-            ops.append(Op(OpKind.ADD_SERVICE, vs=svc.vs))
-            for ip, port in svc.dests:
-                ops.append(Op(OpKind.ADD_DEST, vs=svc.vs, dest=RealServer(ip, port)))
-                expected_dests[(ip, port)] = RealServer(ip, port)
+            vs = svc.vs
+            ops.append(Op(OpKind.ADD_SERVICE, vs))
+            for dest in svc.dests:
+                rs = expected_dests[dest] = RealServer(*dest)
+                ops.append(Op(_ADD_DEST, vs, rs))
             self.touched.add(svc.owner)
             return ServiceView(svc.vs, expected_dests)
         if (have.vs.scheduler, have.vs.persistence) != (svc.vs.scheduler, svc.vs.persistence):
