@@ -405,11 +405,12 @@ _Entry = tuple[str, Member, Extension]  # (set name, member, extension)
 
 @dataclass(frozen=True, slots=True)
 class _Frontend:
-    """One virtual server of a service port, with what exists only because of it."""
+    """One virtual server of a service port, with what exists only because of it: ipset
+    entries, among them its LBD-IPVS-IPS entry when its address is bound to the dummy
+    interface (the addresses to bind are read from those sets)."""
 
     service: _DesiredService
     entries: tuple[_Entry, ...]
-    address: str  # to bind to the dummy interface; "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,9 +481,6 @@ class Desired:
             self._claim(owner, fe)
         for e in c.entries:
             self._ref(owner, e)
-
-    def owners(self) -> Iterable[str]:
-        return self._contributions.keys()
 
     def take_touched(self) -> tuple[set[VSKey], set[tuple[str, Member]]]:
         """What changed since the last call (virtual servers, ipset entries)."""
@@ -556,8 +554,6 @@ class Desired:
             self.touched_services.add(key)
         for e in fe.entries:
             self._ref(owner, e)
-        if fe.address:
-            self._ref(owner, _address_entry(fe.address))
 
     def _unapply(self, owner: str, fe: _Frontend) -> None:
         key = fe.service.vs.key
@@ -566,8 +562,6 @@ class Desired:
             self.touched_services.add(key)
         for e in fe.entries:
             self._unref(owner, e)
-        if fe.address:
-            self._unref(owner, _address_entry(fe.address))
 
     def _ref(self, owner: str, e: _Entry) -> None:
         name, m, ext = e
@@ -773,10 +767,11 @@ def _contribution(sp: ServicePort, owner: str, ctx: _Context, mark: int) -> _Con
             extra.append(entry(SetBase.NO_LOCAL_ENDPOINTS, Member(ip, proto, port)))
         if kind != "ClusterIP":
             external_keys.append(key)
-        address = "" if kind == "NodePort" or ip in ctx.local_ips else ip
+        if kind != "NodePort" and ip not in ctx.local_ips:
+            extra.append(_address_entry(ip))  # bound to the dummy interface
         vs = VirtualServer(key, ctx.scheduler, persistence)
         service = _DesiredService(vs, dests, sp.protocol, owner, name, kind)
-        frontends.append(_Frontend(service, tuple(extra), address))
+        frontends.append(_Frontend(service, tuple(extra)))
         used.update(dests)
 
     def vip(text: str) -> str | None:
@@ -842,7 +837,7 @@ def _contribution(sp: ServicePort, owner: str, ctx: _Context, mark: int) -> _Con
         key = VSKey(fam, 0, "", 0, mark)
         vs = VirtualServer(key, ctx.scheduler, persistence)
         service = _DesiredService(vs, cluster, sp.protocol, owner, name, "ShortCircuit")
-        frontends.append(_Frontend(service, (), ""))
+        frontends.append(_Frontend(service, ()))
         used.update(cluster)
         entries.extend(
             entry(SetBase.SHORT_CIRCUIT, Member(k.addr, proto, k.port), Extension(mark=mark))
