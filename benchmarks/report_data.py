@@ -80,6 +80,30 @@ def rate_table(section: JSON, test: str, metric: str, fmt: Any) -> list[str]:
     return _table(header, rows)
 
 
+def tcp_table(section: JSON, test: str = "conn_rate") -> list[str]:
+    """SYNs sent again / SYNs refused by the server's TIME_WAIT (PAWS), summed over the
+    rounds of `test` on each path: a rate cut by retransmitted SYNs (each costs a
+    connection 10 ms to 1 s) says more about port reuse than about the datapath."""
+    rows = []
+    for run in _runs(section):
+        row = [run["target"], f"{run['services']:,}"]
+        for path, ref, _, _ in PAIRS:
+            for p in (ref, path):
+                got = [s["tcp"] for s in run.get("samples", {}).get(test, {}).get(p, []) if s]
+                got = [t for t in got if t]
+                if not got:
+                    row.append("–")
+                    continue
+                retrans = sum(t.get("syn_retrans", 0) for t in got)
+                paws = sum(t.get("paws_rejected", 0) for t in got)
+                row.append(f"{retrans:,} / {paws:,}")
+        rows.append(row)
+    header = ["target", "other services"]
+    for _, _, ref_title, title in PAIRS:
+        header += [ref_title, title]
+    return _table(header, rows)
+
+
 def latency_table(section: JSON, test: str) -> list[str]:
     """p50 / p99 per path, and the p99 as a multiple of the direct path's."""
     rows = []
@@ -184,6 +208,11 @@ def markdown(section: JSON) -> list[str]:
             "### New connections per second (one HTTP request each: wrk, Connection: close)",
             "",
             *rate_table(section, "conn_rate", "requests_per_s", _rate),
+            "",
+            "SYN retransmits / SYNs refused by the server's TIME_WAIT (PAWS) during those "
+            "runs, summed over the rounds (0 / 0 when no connection had to retry):",
+            "",
+            *tcp_table(section),
             "",
             "### HTTP request latency on kept-alive connections (wrk --latency)",
             "",

@@ -195,3 +195,28 @@ def test_direct_and_balanced_paths_use_disjoint_client_ports(monkeypatch) -> Non
     for path, ref in dp_cluster.REFERENCE.items():
         assert not ports[path] & ports[ref]
         assert len(ports[path]) >= 30000  # still far more than a run keeps busy
+
+
+def test_retried_syns_are_summed_per_path_over_rounds() -> None:
+    def sample(retrans: int, paws: int) -> dict:
+        return {"tcp": {"syn_retrans": retrans, "paws_rejected": paws}}
+
+    section = {
+        "config": {"targets": [{"label": "iptables-legacy"}]},
+        "runs": [
+            {
+                "target": "iptables-legacy",
+                "services": 1000,
+                "samples": {
+                    "conn_rate": {
+                        "pod": [sample(0, 0), sample(0, 0)],
+                        "clusterip": [sample(0, 0), None],  # round 2 measured nothing
+                        "pod-from-external": [],
+                        "nodeport": [sample(400, 410), sample(1, 2)],
+                    }
+                },
+            }
+        ],
+    }
+    row = report_data.tcp_table(section)[-1]
+    assert row == "| iptables-legacy | 1,000 | 0 / 0 | 0 / 0 | – | 401 / 412 |"
