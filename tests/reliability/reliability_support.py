@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -185,10 +186,11 @@ def fd_count(pid: int) -> int:
 def children(pid: int) -> list[int]:
     """Direct children of `pid` (any of its threads may have forked them)."""
     out: list[int] = []
-    with contextlib.suppress(FileNotFoundError):
+    # A process or thread may exit while we read: ENOENT, or ESRCH mid-read.
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with (
-                contextlib.suppress(FileNotFoundError),
+                contextlib.suppress(FileNotFoundError, ProcessLookupError),
                 open(f"/proc/{pid}/task/{tid}/children") as f,
             ):
                 out.extend(int(x) for x in f.read().split())
@@ -199,8 +201,8 @@ def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, ProcessLookupError):
+        return []  # gone (ENOENT), or exiting while we read (ESRCH)
 
 
 def ensure_running(env: LbdEnv, node: str) -> None:
@@ -392,13 +394,29 @@ def save_all(
     return out
 
 
+# Chain prefixes of the iptables mode and of the ipvs mode (which keeps its own, so the
+# two never clobber each other during a mode switch), and of lbd's ipsets.
+CHAIN_PREFIXES = ("LBD-", "LBDIPVS-")
+CANARIES = ("LBD-PROXY-CANARY", "LBDIPVS-CANARY")
+IPSET_PREFIXES = ("LBD-", "LBD6-")
+
+
+def owned_chain(chain: str) -> bool:
+    return chain.startswith(CHAIN_PREFIXES)
+
+
+def mentions_lbd(text: str) -> bool:
+    """A chain or rule that names one of lbd's chains or ipsets."""
+    return any(p in text for p in (*CHAIN_PREFIXES, *IPSET_PREFIXES))
+
+
 def lbd_variant(env: LbdEnv, node: str) -> str:
     """Which iptables variant holds lbd's rules on `node` (its canary chain)."""
     # The canary is in every table; mangle is the small one (nat may be megabytes).
     found = [
         v
         for (v, _, _), s in save_all(env, node, tables=("mangle",)).items()
-        if "LBD-PROXY-CANARY" in s.chains
+        if any(c in s.chains for c in CANARIES)
     ]
     assert found, "lbd's canary chain is in no iptables variant"
     assert len(set(found)) == 1, found
@@ -409,17 +427,17 @@ Inventory = dict[tuple[str, str], dict[str, tuple[str, ...]]]
 
 
 def lbd_inventory(env: LbdEnv, node: str, variant: str) -> Inventory:
-    """lbd's part of the node's rule set: per (family, table), every LBD- chain with its
-    rules in order, and the rules of built-in chains that mention an LBD- chain."""
+    """lbd's part of the node's rule set: per (family, table), every chain of lbd's with
+    its rules in order, and the rules of other chains that mention lbd's chains or sets."""
     out: Inventory = {}
     for (_, family, table), saved in save_all(env, node, (variant,)).items():
         part: dict[str, tuple[str, ...]] = {}
         for chain in saved.chains:
             rules = saved.rules_of(chain)
-            if chain.startswith("LBD-"):
+            if owned_chain(chain):
                 part[chain] = tuple(rules)
             else:
-                mine = tuple(r for r in rules if "LBD-" in r)
+                mine = tuple(r for r in rules if mentions_lbd(r))
                 if mine:
                     part[chain] = mine
         if part:
@@ -428,11 +446,12 @@ def lbd_inventory(env: LbdEnv, node: str, variant: str) -> Inventory:
 
 
 def lbd_mentions(env: LbdEnv, node: str) -> list[str]:
-    """Every chain or rule, in any variant, family and table, that mentions LBD-."""
+    """Every chain or rule, in any variant, family and table, that mentions lbd's chains
+    or ipsets."""
     found = []
     for key, saved in save_all(env, node).items():
-        found += [f"{key}: :{c}" for c in saved.chains if "LBD-" in c]
-        found += [f"{key}: {r}" for r in saved.rules if "LBD-" in r]
+        found += [f"{key}: :{c}" for c in saved.chains if mentions_lbd(c)]
+        found += [f"{key}: {r}" for r in saved.rules if mentions_lbd(r)]
     return found
 
 
@@ -458,3 +477,149 @@ def sampling(interval: float, fn: Any) -> Iterator[list[Any]]:
     finally:
         stop.set()
         thread.join(10)
+
+
+# --- whole-datapath inventories (every mode) ---------------------------------------------
+
+# The eBPF maps the control plane owns; the others (conntrack, affinity, socket reverse
+# NAT) fill with traffic and are the datapath's own.
+EBPF_CONTROL_MAPS = (
+    "lbd_services",
+    "lbd_backends",
+    "lbd_revnat",
+    "lbd_maglev",
+    "lbd_aff_match",
+    "lbd_srcrange",
+    "lbd_svcnames",
+)
+
+
+def lbd_status(env: LbdEnv, node: str) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """`lbd status --json` of `node`, read back from the kernel, as sorted tuples."""
+    proc = run_lbd(
+        env, node, "status", "--json", "--proxy-mode", env.mode, *env.location_args(node)
+    )
+    assert proc.returncode == 0, proc.stderr
+    return sorted(
+        (r["service"], r["kind"], r["frontend"], tuple(sorted(r["endpoints"])))
+        for r in json.loads(proc.stdout)
+    )
+
+
+def _bpffs_dir(env: LbdEnv, node: str) -> str:
+    return env.ebpf_options(node)["bpffs"]
+
+
+def pinned_objects(env: LbdEnv, node: str) -> list[str]:
+    """Every map and link pinned under the node's bpffs directory (relative paths)."""
+    root = _bpffs_dir(env, node)
+    out = []
+    for dirpath, _, files in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files]
+    return sorted(out)
+
+
+def ebpf_map_entries(
+    env: LbdEnv, node: str, maps: Iterable[str] = EBPF_CONTROL_MAPS
+) -> dict[str, int]:
+    """Entries in each control-plane map (ids differ between daemons; counts may not)."""
+    out = {}
+    for name in maps:
+        path = os.path.join(_bpffs_dir(env, node), name)
+        proc = subprocess.run(
+            ["bpftool", "-j", "map", "dump", "pinned", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, (name, proc.stderr)
+        out[name] = len(json.loads(proc.stdout))
+    return out
+
+
+def tc_programs(env: LbdEnv, node: str) -> list[str]:
+    """ "device parent program" for every BPF tc filter in the node's namespace."""
+    links = env.exec_in(node, ["ip", "-j", "link", "show"])
+    out = []
+    for link in json.loads(links.stdout):
+        dev = link["ifname"]
+        for parent in ("ingress", "egress"):
+            proc = env.exec_in(node, ["tc", "-j", "filter", "show", "dev", dev, parent])
+            if proc.returncode != 0 or not proc.stdout.strip():
+                continue
+            for f in json.loads(proc.stdout):
+                name = (f.get("options") or {}).get("bpf_name")
+                if name:
+                    out.append(f"{dev} {parent} {name}")
+    return sorted(set(out))
+
+
+def ipvs_services(env: LbdEnv, node: str) -> list[str]:
+    """`ipvsadm -Sn` of the node: virtual services and real servers (an independent
+    witness beside lbd's own status), sorted."""
+    proc = env.exec_in(node, ["ipvsadm", "-Sn"])
+    assert proc.returncode == 0, proc.stderr
+    return sorted(line for line in proc.stdout.splitlines() if line.strip())
+
+
+def lbd_ipsets(env: LbdEnv, node: str) -> list[str]:
+    """lbd's ipsets with their members, as `ipset save` writes them, sorted."""
+    proc = env.exec_in(node, ["ipset", "save"])
+    assert proc.returncode == 0, proc.stderr
+    return sorted(
+        line
+        for line in proc.stdout.splitlines()
+        if len(parts := line.split()) > 1 and parts[1].startswith(IPSET_PREFIXES)
+    )
+
+
+def dummy_addresses(env: LbdEnv, node: str) -> list[str] | None:
+    """Addresses on ipvs mode's dummy interface; None when the interface is absent."""
+    from backends.ipvs.plan import DUMMY
+
+    proc = env.exec_in(node, ["ip", "-j", "addr", "show", "dev", DUMMY])
+    if proc.returncode != 0:
+        return None
+    return sorted(
+        f"{a['local']}/{a['prefixlen']}"
+        for link in json.loads(proc.stdout)
+        for a in link["addr_info"]
+    )
+
+
+def kernel_inventory(env: LbdEnv, node: str) -> dict[str, Any]:
+    """Everything of lbd's that `node`'s kernel holds in the env's mode, in a form two
+    daemons that programmed the same services write identically (no map ids, no
+    counters): frontends -> endpoints read back by `lbd status`, plus per mode the rules,
+    ipsets, IPVS table and dummy addresses, or the pinned objects, map fill levels and
+    attached tc programs."""
+    inv: dict[str, Any] = {"status": lbd_status(env, node)}
+    if env.mode in ("iptables", "ipvs"):
+        inv["rules"] = lbd_inventory(env, node, lbd_variant(env, node))
+    if env.mode == "ipvs":
+        inv["ipvs"] = ipvs_services(env, node)
+        inv["ipsets"] = lbd_ipsets(env, node)
+        inv["dummy"] = dummy_addresses(env, node)
+    if env.mode == "ebpf":
+        inv["pinned"] = pinned_objects(env, node)
+        inv["maps"] = ebpf_map_entries(env, node)
+        inv["tc"] = tc_programs(env, node)
+    return inv
+
+
+def lbd_leftovers(env: LbdEnv, node: str) -> list[str]:
+    """Anything of any lbd mode still in `node`'s kernel (empty after `lbd cleanup
+    --proxy-mode all`): LBD- chains and rules in every iptables variant, ipsets, IPVS
+    services, the dummy interface, pinned BPF objects and tc programs."""
+    found = lbd_mentions(env, node)
+    found += [f"ipset: {line}" for line in lbd_ipsets(env, node)]
+    ipvs = env.exec_in(node, ["ipvsadm", "-Sn"])
+    if ipvs.returncode == 0:  # no IPVS in this kernel: nothing to leave behind
+        found += [f"ipvs: {line}" for line in ipvs.stdout.splitlines() if line.strip()]
+    if dummy_addresses(env, node) is not None:
+        found.append("the ipvs dummy interface")
+    if env.mode == "ebpf":
+        found += [f"pinned: {p}" for p in pinned_objects(env, node)]
+        found += [f"tc: {t}" for t in tc_programs(env, node) if "lbd" in t]
+    return found

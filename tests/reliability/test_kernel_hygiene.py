@@ -1,12 +1,14 @@
 """Kernel-state hygiene: after heavy churn the node holds exactly what the live services
-need, and `lbd cleanup` removes all of lbd and nothing else.
+need, and `lbd cleanup` removes all of lbd and nothing else, in every proxy mode.
 
 200 create/update/delete cycles of Services and EndpointSlices (ClusterIP, dual-stack,
 NodePort, LoadBalancer with source ranges, externalTrafficPolicy: Local, affinity, empty
-slices) go through partial syncs; then the node's lbd rule set (IPv4 and IPv6; nat,
-filter, mangle; chains and rules in order, counters stripped) must equal the one a fresh
-daemon writes from scratch after `lbd cleanup`, and no frontend of a deleted service may
-remain. Kernel tests (tests/kernel) check single syncs; this checks the accumulation.
+slices) go through partial syncs; then the node's kernel state must equal the one a fresh
+daemon writes from scratch after `lbd cleanup` (reliability_support.kernel_inventory:
+frontends -> endpoints read back from the kernel, and per mode the lbd rule set in order,
+ipsets, the IPVS table and dummy addresses, or the pinned maps' fill levels and the
+attached programs), and no frontend of a deleted service may remain. Kernel tests
+(tests/kernel) check single syncs; this checks the accumulation.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from reliability_support import (
     Inventory,
     assert_converged,
     ensure_running,
-    lbd_inventory,
-    lbd_mentions,
+    kernel_inventory,
+    lbd_leftovers,
+    lbd_status,
     lbd_variant,
+    mentions_lbd,
     run_lbd,
     save_all,
 )
@@ -38,13 +42,6 @@ UPDATE_SERVICE_LAG = 5  # ... changes the port of the one made in i - 5
 DELETE_LAG = 8  # ... and deletes the one made in i - 8, unless it is a keeper
 KEEP_EVERY = 10  # every 10th service survives the churn
 NODE = "node-1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _iptables_only(mode: str) -> None:
-    # Skip before the module's cluster is built: every test here reads iptables rules.
-    if mode != "iptables":
-        pytest.skip("the rule-level inventory is iptables-specific")
 
 
 def _ports(i: int, port: int) -> list[PortSpec]:
@@ -152,35 +149,72 @@ def diff(a: Inventory, b: Inventory) -> list[str]:
     return out[:20]
 
 
+def inventory_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two kernel inventories, briefly (empty when equal)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if va == vb:
+            continue
+        if key == "rules":
+            out += diff(va or {}, vb or {})
+        elif isinstance(va, list) and isinstance(vb, list):
+            out.append(
+                f"{key}: churned-only {[x for x in va if x not in vb][:3]} "
+                f"fresh-only {[x for x in vb if x not in va][:3]}"
+            )
+        else:
+            out.append(f"{key}: churned {va} fresh {vb}")
+    return out
+
+
+def cleanup_all(env: LbdEnv) -> None:
+    proc = run_lbd(env, NODE, "cleanup", "--proxy-mode", "all", *env.location_args(NODE))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_churn_leaves_exactly_what_a_fresh_daemon_writes(env: LbdEnv) -> None:
-    """After 200 churn cycles the rule set equals a from-scratch one, chain for chain
-    and rule for rule, and holds no frontend of a deleted service."""
+    """After 200 churn cycles the kernel holds what a daemon starting from scratch
+    writes (for iptables: chain for chain and rule for rule), and no frontend of a
+    deleted service."""
     ensure_running(env, NODE)
     alive = churn(env)
     # The keepers, the last few cycles' services and the stable one.
     assert len(env.api.server.list_objects("services")) == len(alive) + 1
     assert_converged(env, 30)
-    variant = lbd_variant(env, NODE)
     assert env.stop_daemon(NODE) == 0
-    churned = lbd_inventory(env, NODE, variant)
-    # IPv6 was churned too (dual-stack services), so its tables must be in the inventory.
-    assert ("ip6tables", "nat") in churned and ("iptables", "filter") in churned
+    churned = kernel_inventory(env, NODE)
+    # The inventory sees the datapath (a reader that found nothing would compare equal).
+    assert churned["status"]
+    if env.mode == "ebpf":
+        assert churned["pinned"] and churned["tc"] and churned["maps"]["lbd_backends"] > 0
+    if env.mode == "ipvs":
+        assert churned["ipvs"] and churned["ipsets"] and churned["dummy"]
 
-    # No rule in any portal chain points at an address no live service has.
-    live = live_frontends(env)
-    for (family, table), chains in churned.items():
-        for chain in ("LBD-SERVICES", "LBD-EXTERNAL-SERVICES", "LBD-PROXY-FIREWALL"):
-            for rule in chains.get(chain, ()):
-                dest = _DEST.search(rule)
-                assert dest is None or dest.group(1) in live, (family, table, rule)
+    # No frontend of a service the API server no longer has.
+    live_names = {
+        f"default/{s['metadata']['name']}" for s in env.api.server.list_objects("services")
+    }
+    gone = [row for row in churned["status"] if row[0].split(":")[0] not in live_names]
+    assert gone == [], gone[:5]
+    if env.mode == "iptables":
+        # IPv6 was churned too (dual-stack services), so its tables must be in it.
+        rules = churned["rules"]
+        assert ("ip6tables", "nat") in rules and ("iptables", "filter") in rules
+        # No rule in any portal chain points at an address no live service has.
+        live = live_frontends(env)
+        for (family, table), chains in rules.items():
+            for chain in ("LBD-SERVICES", "LBD-EXTERNAL-SERVICES", "LBD-PROXY-FIREWALL"):
+                for rule in chains.get(chain, ()):
+                    dest = _DEST.search(rule)
+                    assert dest is None or dest.group(1) in live, (family, table, rule)
 
-    proc = run_lbd(env, NODE, "cleanup", "--proxy-mode", "all")
-    assert proc.returncode == 0, proc.stderr
-    assert lbd_mentions(env, NODE) == []
+    cleanup_all(env)
+    assert lbd_leftovers(env, NODE) == []
     env.start_daemon(NODE)
     env.wait_synced(timeout=60)
-    fresh = lbd_inventory(env, NODE, variant)
-    assert churned == fresh, diff(churned, fresh)
+    fresh = kernel_inventory(env, NODE)
+    assert churned == fresh, inventory_diff(churned, fresh)
     assert_converged(env, 30)
 
 
@@ -209,18 +243,20 @@ def foreign(env: LbdEnv) -> dict[tuple[str, str, str], tuple[list[str], list[str
     """Everything in the node's rule sets that is not lbd's: (chains, rules) per table."""
     out = {}
     for key, saved in save_all(env, NODE).items():
-        chains = sorted(f"{c} {p}" for c, p in saved.chains.items() if "LBD-" not in c)
-        rules = [r for r in saved.rules if "LBD-" not in r]
+        chains = sorted(f"{c} {p}" for c, p in saved.chains.items() if not mentions_lbd(c))
+        rules = [r for r in saved.rules if not mentions_lbd(r)]
         out[key] = (chains, rules)
     return out
 
 
 def test_cleanup_removes_all_of_lbd_and_nothing_else(env: LbdEnv) -> None:
-    """`lbd cleanup --proxy-mode all` on a live node: no LBD- chain or rule remains in
-    any family or table, and a user's chains and rules (and kubelet's chain) stay."""
+    """`lbd cleanup --proxy-mode all` on a live node: nothing of any lbd mode remains
+    (rules in any family or table, ipsets, IPVS services, the dummy interface, pinned
+    BPF objects, tc programs), and a user's chains and rules (and kubelet's chain) stay."""
     ensure_running(env, NODE)
     env.wait_synced(timeout=60)
-    variant = lbd_variant(env, NODE)
+    # ebpf writes no rules; the user's go where iptables-legacy would put them.
+    variant = "legacy" if env.mode == "ebpf" else lbd_variant(env, NODE)
     for binary, payload in (("iptables", FOREIGN_V4), ("ip6tables", FOREIGN_V6)):
         proc = env.exec_in(
             NODE, [f"{binary}-{variant}-restore", "--noflush"], input=payload, timeout=30
@@ -228,17 +264,17 @@ def test_cleanup_removes_all_of_lbd_and_nothing_else(env: LbdEnv) -> None:
         assert proc.returncode == 0, proc.stderr
     before = foreign(env)
     assert any("USER-CHAIN" in r for (_, rules) in before.values() for r in rules)
-    assert lbd_mentions(env, NODE)  # lbd's rules are there to be removed
+    assert lbd_status(env, NODE)  # lbd's datapath is there to be removed
+    assert lbd_leftovers(env, NODE)
 
     assert env.stop_daemon(NODE) == 0
-    proc = run_lbd(env, NODE, "cleanup", "--proxy-mode", "all")
-    assert proc.returncode == 0, proc.stderr
-    assert lbd_mentions(env, NODE) == []
+    cleanup_all(env)
+    assert lbd_leftovers(env, NODE) == []
     assert foreign(env) == before
     # Running it again on a clean node is a no-op, not an error.
-    assert run_lbd(env, NODE, "cleanup", "--proxy-mode", "all").returncode == 0
+    cleanup_all(env)
 
     # Leave the node as the module found it: a daemon that reprograms everything.
     env.start_daemon(NODE)
     env.wait_synced(timeout=60)
-    assert lbd_mentions(env, NODE)
+    assert lbd_status(env, NODE)

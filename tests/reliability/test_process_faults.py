@@ -25,8 +25,11 @@ from reliability_support import (
     children,
     cmdline,
     daemon_pid,
+    ebpf_map_entries,
+    ipvs_services,
+    kernel_inventory,
     kill9,
-    lbd_inventory,
+    lbd_status,
     lbd_variant,
     publish_stable,
     sampling,
@@ -122,6 +125,13 @@ def wait_for_restore(pid: int, timeout: float, exclude: set[int]) -> int | None:
     return None
 
 
+def wait_for_growth(env: LbdEnv, node: str, baseline: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while frontends_in_kernel(env, node) <= baseline:
+        assert time.monotonic() < deadline, "no new frontend reached the kernel"
+        time.sleep(RESTORE_POLL_INTERVAL)
+
+
 def _at_least(value: float, want: float) -> None:
     assert value >= want, (value, want)
 
@@ -183,6 +193,19 @@ def check_rule_set(env: LbdEnv, node: str, variant: str) -> set[str]:
     return served
 
 
+def check_frontends(env: LbdEnv, node: str) -> set[str]:
+    """Assert that every bulk service `node`'s kernel serves (read back by `lbd status`)
+    has all of its endpoints; return their cluster IPs. For ebpf and ipvs, whose kernel
+    objects are written one by one rather than in one table commit."""
+    served: set[str] = set()
+    for name, _, frontend, endpoints in lbd_status(env, node):
+        if not name.startswith("default/bulk-"):
+            continue
+        assert len(endpoints) == ENDPOINTS_PER_SERVICE, (frontend, endpoints)
+        served.add(frontend.rsplit(":", 1)[0])
+    return served
+
+
 def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
     """2,000 services arrive at once; the daemon is SIGKILLed while iptables-restore
     programs them. Traffic and an established connection carry on, the kernel holds a
@@ -209,7 +232,9 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
                 # A restore already running belongs to an earlier, smaller sync.
                 caught = wait_for_restore(pid, RESTORE_WAIT, exclude=restore_children(pid))
             else:
-                time.sleep(0.2)  # other datapaths: shortly after the burst
+                # Other datapaths write frontend by frontend: kill once the first new
+                # ones are in the kernel, i.e. while the sync is (most likely) writing.
+                wait_for_growth(env, "node-1", frontends_in_kernel(env, "node-1"), RESTORE_WAIT)
             kill9(env, "node-1")
             killed = time.monotonic()
             if caught is not None:
@@ -219,12 +244,13 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
             # The established connection outlives the daemon (conntrack holds it).
             assert conn.ask() == first
             if mode == "iptables":
-                variant = lbd_variant(env, "node-1")
-                served = check_rule_set(env, "node-1", variant)
-                print(
-                    f"\nkilled {'during an iptables-restore' if caught else 'after the burst'}"
-                    f"; the kernel then served {len(served)} of {BURST} new services"
-                )
+                served = check_rule_set(env, "node-1", lbd_variant(env, "node-1"))
+            else:
+                served = check_frontends(env, "node-1")
+            print(
+                f"\nkilled {'during an iptables-restore' if caught else 'after the burst'}"
+                f"; the kernel then served {len(served)} of {BURST} new services"
+            )
             time.sleep(1.0)  # a moment with no daemon at all: the kernel carries traffic
             restarted = time.monotonic()
             env.start_daemon("node-1")
@@ -238,18 +264,18 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
         assert conn.ask() == first
         conn.close()
         assert took < MAX_RECONVERGE_SECONDS, took
+        # Now complete: every new service, each with all of its endpoints.
         if mode == "iptables":
-            # Now complete: every new service, each with all of its endpoints.
             served = check_rule_set(env, "node-1", lbd_variant(env, "node-1"))
-            assert served == {bulk_vip(i) for i in range(BURST)}, len(served)
+        else:
+            served = check_frontends(env, "node-1")
+        assert served == {bulk_vip(i) for i in range(BURST)}, len(served)
 
 
 def test_restart_adopts_the_rules_in_place(mode: str) -> None:
     """SIGTERM, then a new process (an upgrade): the rules are never flushed, no
-    request fails, and the new daemon's first sync is a full one that leaves the rule
-    set exactly as the previous process wrote it."""
-    if mode != "iptables":
-        pytest.skip("the rule-level inventory is iptables-specific")
+    request fails, and the new daemon's first sync is a full one that leaves the kernel
+    state exactly as the previous process wrote it."""
     with LbdEnv(mode) as env:
         publish_stable(env)
         _restart_adopts(env)
@@ -257,17 +283,16 @@ def test_restart_adopts_the_rules_in_place(mode: str) -> None:
 
 def _restart_adopts(env: LbdEnv) -> None:
     node = "node-1"
-    variant = lbd_variant(env, node)
-    before = lbd_inventory(env, node, variant)
-    portals = len(before[("iptables", "nat")]["LBD-SERVICES"])
+    before = kernel_inventory(env, node)
+    portals = frontends_in_kernel(env, node)
+    assert portals > 0
     log = env.log_path(node)
     offset = log.stat().st_size
 
-    def portal_rules() -> int:
-        saved = save_all(env, node, (variant,), ("nat",))[(variant, "iptables", "nat")]
-        return len(saved.rules_of("LBD-SERVICES"))
-
-    with StableTraffic(env, node, node) as traffic, sampling(0.05, portal_rules) as seen:
+    with (
+        StableTraffic(env, node, node) as traffic,
+        sampling(0.05, lambda: frontends_in_kernel(env, node)) as seen,
+    ):
         time.sleep(1.0)
         assert env.stop_daemon(node) == 0  # SIGTERM: a clean exit
         time.sleep(1.0)  # between two processes, only the kernel's rules serve
@@ -275,12 +300,24 @@ def _restart_adopts(env: LbdEnv) -> None:
         env.wait_synced(timeout=30)
         time.sleep(1.0)
     traffic.assert_clean()
-    # Sampled every 50 ms across the restart: the portal chain never lost a rule.
+    # Sampled every 50 ms across the restart: no frontend ever left the kernel.
     assert seen and all(n == portals for n in seen), seen
-    assert lbd_inventory(env, node, variant) == before
+    assert kernel_inventory(env, node) == before
     syncs = [
         json.loads(line)
         for line in log.read_bytes()[offset:].decode(errors="replace").splitlines()
         if '"sync.done"' in line
     ]
     assert syncs and syncs[0]["full"] is True, syncs[:2]
+
+
+def frontends_in_kernel(env: LbdEnv, node: str) -> int:
+    """How many frontends `node`'s kernel holds, by a cheap read (polled every 50 ms):
+    rules in the portal chain, IPVS virtual services, or entries of the services map."""
+    if env.mode == "iptables":
+        variant = lbd_variant(env, node)
+        saved = save_all(env, node, (variant,), ("nat",))[(variant, "iptables", "nat")]
+        return len(saved.rules_of("LBD-SERVICES"))
+    if env.mode == "ipvs":
+        return sum(1 for line in ipvs_services(env, node) if line.startswith("-A "))
+    return ebpf_map_entries(env, node, ("lbd_services",))["lbd_services"]
