@@ -87,10 +87,12 @@ class EchoServer:
         srv.stop()
     """
 
-    def __init__(self, *, line_timeout: float = 0.5, idle_timeout: float = 60.0) -> None:
+    def __init__(self, *, line_timeout: float = 0.5, idle_timeout: float = 300.0) -> None:
         # How long a plain TCP client may stay silent before it gets its line
         # anyway (lets "connect and read" clients work), and how long an idle
-        # HTTP keep-alive connection is kept.
+        # HTTP keep-alive connection is kept: long enough for a test's established
+        # connection to outlive a large sync under emulation (a minute or more in the
+        # VM), so that a closed connection means the datapath broke it.
         self.line_timeout = line_timeout
         self.idle_timeout = idle_timeout
         self.stats = EchoStats()
