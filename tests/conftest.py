@@ -56,3 +56,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="run the churn soak for this many seconds (overrides --soak)",
     )
+    group.addoption(
+        "--soak-rate",
+        type=float,
+        default=None,
+        help="Service/EndpointSlice changes per second in the churn soak (default 50; "
+        "the IPVS VM, 20-50x slower under emulation, asks for fewer)",
+    )

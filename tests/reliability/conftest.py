@@ -20,6 +20,7 @@ from lbd.testing.env import LbdEnv
 MODES = ["iptables", "ebpf", "ipvs"]
 
 CI_SOAK_SECONDS = 60.0
+DEFAULT_SOAK_RATE = 50.0
 LONG_SOAK_SECONDS = 600.0
 # What a soak test needs beyond its churn phase (set-up, convergence, checks).
 SOAK_OVERHEAD_SECONDS = 240.0
@@ -80,6 +81,13 @@ def env(mode: str, request: pytest.FixtureRequest) -> Iterator[LbdEnv]:
         if request.session.testsfailed > failed_before:
             for node in e.cluster.nodes:
                 print(f"--- lbd on {node.name} ---\n{e.logs(node.name, 40)}")
+
+
+@pytest.fixture
+def soak_rate(request: pytest.FixtureRequest) -> float:
+    """Changes per second the churn soak makes (issue 7: 50; --soak-rate overrides)."""
+    given = request.config.getoption("soak_rate", default=None)
+    return float(given) if given is not None else DEFAULT_SOAK_RATE
 
 
 @pytest.fixture
