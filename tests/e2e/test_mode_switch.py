@@ -1,5 +1,5 @@
 """The mode switch as the DaemonSet performs it: node-1's lbd is restarted with the
-other mode's manifest (its command line and its ConfigMap's config.conf), with traffic
+next mode's manifest (its command line and its ConfigMap's config.conf), with traffic
 running. The new mode takes over, the old mode's datapath disappears, nothing fails."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from backends.base import HostUnsupported
+from backends.ipvs.plan import DUMMY
 from backends.registry import check_host
 from lbd.testing.env import LbdEnv
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
@@ -80,31 +81,76 @@ def env(tmp_path: Path):
         yield e
 
 
-def test_iptables_to_ebpf_and_back_with_traffic(env: LbdEnv, tmp_path: Path):
+def switch_walk() -> list[str]:
+    """The modes node-1 walks through after starting in iptables: iptables -> ebpf ->
+    ipvs -> iptables where the kernel has IPVS (the VM), iptables -> ebpf -> iptables
+    here."""
+    try:
+        check_host("ipvs")
+    except HostUnsupported:
+        return ["ebpf", "iptables"]
+    return ["ebpf", "ipvs", "iptables"]
+
+
+def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     node1 = env.node("node-1")
     assert iptables_rules(env, "node-1") > 0
     pod = SteadyTraffic(env.cluster.pod("pod-1-1").netns, "10.96.8.8", 80, rate=20)
     ext = SteadyTraffic(env.cluster.external.netns, node1.ipv4, 30777, rate=20)
+    walk = switch_walk()
+    previous = "iptables"
     with pod, ext:
-        for mode in ("ebpf", "iptables"):
+        for mode in walk:
             env.stop_daemon("node-1")
-            env.start_daemon("node-1", argv=daemonset_argv(env, mode, "node-1", tmp_path))
+            env.start_daemon(
+                "node-1", argv=daemonset_argv(env, mode, "node-1", tmp_path), wait=False
+            )
+            # ebpf compiles its programs at start: seconds here, minutes under emulation.
+            env.wait_healthy("node-1", timeout=90 if mode == "ebpf" else 30)
             env.wait_synced()
             assert "10.96.8.8:80" in lbd_status(env, mode), mode
+            # The previous mode's datapath is gone once the new one serves.
             if mode == "ebpf":
-                # the previous mode's rules are gone once ebpf serves
                 _wait(lambda: iptables_rules(env, "node-1") == 0)
-            else:
-                assert iptables_rules(env, "node-1") > 0
-                _wait(lambda: "10.96.8.8" not in lbd_status(env, "ebpf"))
+            if previous != "iptables":
+                _wait(lambda prev=previous: "10.96.8.8" not in lbd_status(env, prev))
+            if previous == "ipvs":
+                _wait(lambda: not ipvs_dummy_addresses(env, "node-1"))
+            if mode in ("iptables", "ipvs"):
+                assert iptables_rules(env, "node-1") > 0  # both keep rules in LBD- chains
             pod.wait_for(len(pod.samples) + 20)
             # reachable after the switch, from a pod and from outside
             assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
             assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
+            previous = mode
     # A connection caught mid-handshake while one datapath hands over to the other can be
     # lost (the old datapath's NAT state goes with it); every other request succeeds.
     for traffic in (pod, ext):
-        assert len(traffic.failures) <= 2 * 2 and len(traffic.successes) > 40, traffic.summary()
+        assert len(traffic.failures) <= 2 * len(walk) and len(traffic.successes) > 40, (
+            traffic.summary()
+        )
+
+
+def ipvs_dummy_addresses(env: LbdEnv, node: str) -> list[str]:
+    """Addresses on ipvs mode's dummy interface in the node's netns (none once it left)."""
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            env.cluster.netns_of(node),
+            "ip",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            DUMMY,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [line for line in out.splitlines() if "inet" in line]
 
 
 def lbd_status(env: LbdEnv, mode: str) -> str:
