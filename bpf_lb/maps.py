@@ -564,7 +564,10 @@ def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes]:
 _SLOT = struct.Struct("=H")
 assert array.array("I").itemsize == U32.size
 _U32_ARRAY = functools.partial(array.array, "I")
-_SLOT_VAL = struct.Struct("=I16x")  # a backend slot: backend_id, the rest zero
+
+
+# The packed slot numbers a frontend usually has (more are packed when met).
+_SLOT_BYTES = [_SLOT.pack(i) for i in range(256)]
 
 
 def pack_svc_keys(keys: Iterable[tuple[Frontend, int]]) -> bytes:
@@ -573,12 +576,12 @@ def pack_svc_keys(keys: Iterable[tuple[Frontend, int]]) -> bytes:
     parts: list[bytes] = []
     last: Frontend | None = None
     pre = post = b""
-    pack_slot = _SLOT.pack
+    slot_bytes, pack_slot, n = _SLOT_BYTES, _SLOT.pack, len(_SLOT_BYTES)
     for fe, slot in keys:
         if fe is not last:
             pre, post = svc_key_parts(fe)
             last = fe
-        parts += (pre, pack_slot(slot), post)
+        parts += (pre, slot_bytes[slot] if slot < n else pack_slot(slot), post)
     return b"".join(parts)
 
 
@@ -592,8 +595,8 @@ def pack_aff_match_keys(keys: Iterable[tuple[int, int]]) -> bytes:
 
 
 def pack_svc_vals(values: Iterable[ServiceValue]) -> bytes:
-    pack, pack_slot, zeros = SVC_VAL.pack, _SLOT_VAL.pack, (0, 0, 0, 0, 0)
-    return b"".join([pack_slot(v[0]) if v[1:] == zeros else pack(*v) for v in values])
+    # starmap: the whole loop runs in C (a first sync at 10k packs 121k of these)
+    return b"".join(itertools.starmap(SVC_VAL.pack, values))
 
 
 def pack_svc_key(fe: Frontend, slot: int) -> bytes:
@@ -608,9 +611,20 @@ def pack_backend(b: Backend) -> bytes:
     return BACKEND_VAL.pack(addr_bytes(b.addr), htons(b.port), b.family, b.flags)
 
 
+# lb_backend_val with the whole struct big-endian: the port is the only field wider
+# than a byte, and it is stored in network order, so this packs what BACKEND_VAL packs
+# with htons(port) and needs no per-entry byte swap.
+_BACKEND_VAL_NET = struct.Struct(">16sHBB")
+assert _BACKEND_VAL_NET.size == BACKEND_VAL.size
+
+
 def pack_backends(values: Iterable[Backend]) -> bytes:
-    pack, addr = BACKEND_VAL.pack, addr_bytes
-    return b"".join([pack(addr(a), ((p & 0xFF) << 8) | (p >> 8), f, fl) for a, p, f, fl in values])
+    columns = list(zip(*values, strict=True))  # addrs, ports, families, flags
+    if not columns:
+        return b""
+    addrs, ports, families, flags = columns
+    # map over the columns: the loop runs in C (a first sync at 10k packs 100k backends)
+    return b"".join(map(_BACKEND_VAL_NET.pack, map(addr_bytes, addrs), ports, families, flags))
 
 
 def pack_rev_nat(r: RevNat) -> bytes:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import operator
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -969,6 +970,11 @@ def plan(
     view_backends: dict[str, list[int]] = {}  # view key -> backend ids, sorted by address
     held = ix.backend_ids
     take = bid_alloc.take
+    bound = sum(len(w.backends) for w in wants.values())  # the most new ids needed
+    if bid_alloc.fast_end is None and bid_alloc.next + bound <= _MAX_ID:
+        # no wrap-around possible: ids are the next ones in a row, handed out by a C
+        # counter (a first sync takes 100k, one Python call each otherwise)
+        take = itertools.count(bid_alloc.next).__next__
     for want in wants.values():
         key = want.view_key
         if key in view_backends:
@@ -1186,7 +1192,8 @@ def plan(
         [
             _new(Op, (BACKENDS, bid, b))
             for bid, b in sorted(want_backends.items())
-            if have_b.get(bid) != b
+            # an empty map (a first sync) is not asked 100k times what it holds
+            if not have_b or have_b.get(bid) != b
         ],
     )
     out.add(
