@@ -617,7 +617,10 @@ def frontends_of(sp: ServicePort, node_ips: tuple[str, ...]) -> list[tuple[Front
     names = {VIEW_CLUSTER: f"{sp_key}#{VIEW_CLUSTER}", VIEW_LOCAL: f"{sp_key}#{VIEW_LOCAL}"}
     backs = {
         VIEW_CLUSTER: _backends_of(sp.cluster_endpoints, fam),
-        VIEW_LOCAL: _backends_of(sp.local_endpoints, fam),
+        # only a Local policy serves the local view (most services have none)
+        VIEW_LOCAL: _backends_of(sp.local_endpoints, fam)
+        if sp.internal_policy_local or sp.external_policy_local
+        else (),
     }
     cluster_ip = _canonical(sp.cluster_ip, fam) if sp.cluster_ip else None
     if cluster_ip:
