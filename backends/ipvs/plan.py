@@ -276,18 +276,27 @@ class KernelView:
 
 
 class OpKind(StrEnum):
+    """The kinds of op, in the order a plan applies them (see `_ORDER`).
+
+    A virtual address starts attracting packets from pods and outside when it is bound to
+    the dummy interface, so it is bound only after its virtual servers hold their real
+    servers, and unbound before they go: a sync interrupted anywhere (kill -9) leaves
+    each bound frontend either as before or complete, never without real servers. ipset
+    members (masquerading, source ranges, node ports) come before the virtual servers
+    that depend on them and go after."""
+
     CREATE_DUMMY = "create_dummy"
     CREATE_SET = "create_set"
     ADD_MEMBER = "add_member"  # also replaces the extension of an existing member
-    ADD_ADDRESS = "add_address"
     ADD_SERVICE = "add_service"
     EDIT_SERVICE = "edit_service"
     ADD_DEST = "add_dest"
     EDIT_DEST = "edit_dest"
+    ADD_ADDRESS = "add_address"
+    DEL_ADDRESS = "del_address"
     DEL_DEST = "del_dest"
     DEL_SERVICE = "del_service"
     DEL_MEMBER = "del_member"
-    DEL_ADDRESS = "del_address"
 
 
 class Op(NamedTuple):

@@ -332,10 +332,25 @@ def test_deleting_a_service_removes_its_entries_and_leaves_foreign_servers():
     }
     assert set(result.expected.services) == {foreign}
     assert all(not m for m in result.expected.sets.values())
-    # deletions run servers first, then set members, then addresses
+    # deletions unbind the addresses first (no new packets), then remove the servers,
+    # then the set members they relied on
     kinds = [op.kind for op in result.ops]
+    assert kinds.index(OpKind.DEL_ADDRESS) < kinds.index(OpKind.DEL_SERVICE)
     assert kinds.index(OpKind.DEL_SERVICE) < kinds.index(OpKind.DEL_MEMBER)
-    assert kinds.index(OpKind.DEL_MEMBER) < kinds.index(OpKind.DEL_ADDRESS)
+
+
+def test_an_address_is_bound_only_after_its_servers_hold_their_endpoints():
+    # A sync killed halfway must not leave a bound cluster IP whose virtual server has
+    # no real server yet: pods' packets would reach an empty service.
+    result = p.plan(state(sport(node_port=30080, endpoints=TWO)), EMPTY)
+    kinds = [op.kind for op in result.ops]
+    last_dest = max(i for i, k in enumerate(kinds) if k == OpKind.ADD_DEST)
+    first_address = kinds.index(OpKind.ADD_ADDRESS)
+    assert last_dest < first_address
+    # ... while the set members the rules need are in place before any server exists
+    assert max(i for i, k in enumerate(kinds) if k == OpKind.ADD_MEMBER) < kinds.index(
+        OpKind.ADD_SERVICE
+    )
 
 
 def test_missing_pieces_are_recreated_from_a_fresh_view():
