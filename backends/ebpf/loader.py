@@ -500,20 +500,27 @@ class Datapath:
         instance attached), and the clsact qdiscs left empty."""
 
         def detach(ip: Any) -> list[str]:
-            removed = []
+            # Find every filter first, then delete them back to back: a device's ingress
+            # does forward NAT and another's the reverse NAT of the same flows, so the
+            # datapath is half there from the first deletion to the last (a mode switch
+            # serves through it until then). Pod-facing programs go first: no new flow
+            # is balanced by tc while the uplinks still translate replies.
+            found: list[tuple[bool, int, str, str]] = []
             for link in ip.get_links():
                 idx, dev = link["index"], link.get_attr("IFLA_IFNAME")
-                found = False
                 for parent in (TC_INGRESS, TC_EGRESS_PARENT):
-                    if _our_filters(ip, idx, parent):
-                        found = True
-                        with contextlib.suppress(Exception):
-                            ip.tc("del-filter", "bpf", idx, parent=parent, prio=TC_PRIO)
-                if found:
-                    removed.append(dev)
-                    if not any(_all_filters(ip, idx, p) for p in (TC_INGRESS, TC_EGRESS_PARENT)):
-                        with contextlib.suppress(Exception):
-                            ip.tc("del", "clsact", idx)
+                    for f in _our_filters(ip, idx, parent):
+                        name = f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME")
+                        found.append((not str(name).startswith(TC_FROM_POD), idx, dev, parent))
+            for _, idx, _, parent in sorted(set(found)):
+                with contextlib.suppress(Exception):
+                    ip.tc("del-filter", "bpf", idx, parent=parent, prio=TC_PRIO)
+            removed = []
+            for idx, dev in sorted({(idx, dev) for _, idx, dev, _ in found}):
+                removed.append(dev)
+                if not any(_all_filters(ip, idx, p) for p in (TC_INGRESS, TC_EGRESS_PARENT)):
+                    with contextlib.suppress(Exception):
+                        ip.tc("del", "clsact", idx)
             return removed
 
         self._tc_devices.clear()
