@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,10 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     ext = SteadyTraffic(env.cluster.external.netns, node1.ipv4, 30777, rate=20)
     walk = switch_walk()
     previous = "iptables"
+    switched_at: list[tuple[float, str]] = []
     with pod, ext:
         for mode in walk:
+            switched_at.append((time.monotonic(), f"{previous}->{mode}"))
             env.stop_daemon("node-1")
             env.start_daemon(
                 "node-1", argv=daemonset_argv(env, mode, "node-1", tmp_path), wait=False
@@ -127,8 +130,21 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     # lost (the old datapath's NAT state goes with it); every other request succeeds.
     for traffic in (pod, ext):
         assert len(traffic.failures) <= 2 * len(walk) and len(traffic.successes) > 40, (
-            traffic.summary()
+            traffic.summary(),
+            failures_by_switch(traffic.failures, switched_at),
         )
+
+
+def failures_by_switch(failures: list, switched_at: list[tuple[float, str]]) -> dict[str, int]:
+    """How many failed requests fell in each switch (from its daemon's stop to the next)."""
+    out: dict[str, int] = {}
+    for f in failures:
+        phase = "before"
+        for at, name in switched_at:
+            if f.at >= at:
+                phase = name
+        out[phase] = out.get(phase, 0) + 1
+    return out
 
 
 def ipvs_dummy_addresses(env: LbdEnv, node: str) -> list[str]:
@@ -168,8 +184,6 @@ def lbd_status(env: LbdEnv, mode: str) -> str:
 
 
 def _wait(check, timeout: float = 15.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not reached"

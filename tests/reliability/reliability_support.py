@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -567,8 +568,9 @@ def lbd_ipsets(env: LbdEnv, node: str) -> list[str]:
     """lbd's ipsets with their members, as `ipset save` writes them, sorted."""
     proc = env.exec_in(node, ["ipset", "save"])
     assert proc.returncode == 0, proc.stderr
+    # `initval` is the set's random hash seed: it differs between any two creations.
     return sorted(
-        line
+        re.sub(r" initval 0x[0-9a-f]+", "", line)
         for line in proc.stdout.splitlines()
         if len(parts := line.split()) > 1 and parts[1].startswith(IPSET_PREFIXES)
     )
@@ -581,10 +583,12 @@ def dummy_addresses(env: LbdEnv, node: str) -> list[str] | None:
     proc = env.exec_in(node, ["ip", "-j", "addr", "show", "dev", DUMMY])
     if proc.returncode != 0:
         return None
+    # The kernel's own IPv6 link-local address (random per interface) is not lbd's.
     return sorted(
         f"{a['local']}/{a['prefixlen']}"
         for link in json.loads(proc.stdout)
         for a in link["addr_info"]
+        if a.get("scope") != "link"
     )
 
 
