@@ -21,6 +21,9 @@ class SyncResult:
     full: bool  # False: a partial sync that rewrote only what changed
     changed_service_ports: int = 0  # service ports whose datapath entries were rewritten
     detail: dict[str, int] = field(default_factory=dict)  # backend-specific counters
+    # Sync again after this many seconds even if nothing changes (the kernel holds a
+    # transitional state the backend finishes later, e.g. IPVS real servers draining).
+    resync_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

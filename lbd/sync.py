@@ -62,6 +62,7 @@ class SyncRunner:
         self._on_synced = on_synced
         self._wake = asyncio.Event()
         self._pending: list[float] = []
+        self._resync_at = float("inf")  # a sync the backend asked for (SyncResult)
         self._force_full = True
         self.status = SyncStatus()
 
@@ -113,6 +114,8 @@ class SyncRunner:
                 continue
             done = time.monotonic()
             backoff = 0.0
+            after = result.resync_after
+            self._resync_at = float("inf") if after is None else done + after
             self._record(state, result, full, started, done, pending)
             if result.full:
                 last_full = last_start
@@ -130,7 +133,7 @@ class SyncRunner:
         while True:
             now = time.monotonic()
             due_full = last_full + self._sync_period
-            if self._pending or self._force_full or now >= due_full:
+            if self._pending or self._force_full or now >= min(due_full, self._resync_at):
                 return
             if now >= last_canary + self._check_every:
                 last_canary = now
@@ -144,7 +147,7 @@ class SyncRunner:
                     metrics.RULES_RESTORED.labels(self._backend.mode).inc()
                     self._force_full = True
                     continue
-            timeout = min(due_full, last_canary + self._check_every) - now
+            timeout = min(due_full, self._resync_at, last_canary + self._check_every) - now
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.0))
             except TimeoutError:

@@ -35,6 +35,10 @@ log = structlog.get_logger("lbd.backends.ipvs")
 # GC's permanent generation (lbd.model.build.gc_paused): otherwise the next small sync can
 # trigger a full collection over them (~0.1-1 s at 10k services).
 FREEZE_AFTER = 20000
+# While real servers drain (weight 0), a sync comes at least this often to delete the
+# ones whose connections are gone (kube-proxy checks once a minute): a removed endpoint
+# leaves IPVS within seconds of its last connection, not at the next unrelated change.
+DRAIN_CHECK_SECONDS = 5.0
 
 
 def _owned_chain(chain: str) -> bool:
@@ -150,7 +154,12 @@ class IpvsBackend:
         self._synced_state = state
         detail["elapsed_ms"] = int((time.monotonic() - started) * 1000)
         return SyncResult(
-            full=read_kernel, changed_service_ports=result.changed_service_ports, detail=detail
+            full=read_kernel,
+            changed_service_ports=result.changed_service_ports,
+            detail=detail,
+            # Draining real servers are deleted by a later sync once their connections
+            # are gone: make sure one comes even when nothing else changes.
+            resync_after=DRAIN_CHECK_SECONDS if result.draining else None,
         )
 
     def _refresh_draining(self, kernel: Kernel, view: p.KernelView) -> p.KernelView:

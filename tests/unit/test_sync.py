@@ -96,6 +96,23 @@ def test_periodic_full_sync():
     assert len(backend.calls) >= 3 and all(backend.calls)
 
 
+class Draining(Recorder):
+    """A backend whose first two syncs leave something to finish later (IPVS real servers
+    draining), then none."""
+
+    def sync(self, state: ProxyState, full: bool) -> SyncResult:
+        self.calls.append(full)
+        return SyncResult(full=full, resync_after=0.2 if len(self.calls) <= 2 else None)
+
+
+def test_a_backend_that_asks_for_a_later_sync_gets_one_without_any_change():
+    backend = Draining()
+    runner = SyncRunner(lambda: ProxyState("n"), backend, min_sync_period=0.0, sync_period=60)
+    run_for(runner, 1.0)
+    # the full sync, then the two partial syncs asked for; then quiet until the period
+    assert backend.calls == [True, False, False]
+
+
 def test_missing_datapath_triggers_a_full_sync_before_the_period():
     backend = Recorder()
     runner = SyncRunner(
