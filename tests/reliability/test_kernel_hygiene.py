@@ -21,6 +21,7 @@ from reliability_support import (
     Inventory,
     assert_converged,
     ensure_running,
+    ipvs_services,
     kernel_inventory,
     lbd_leftovers,
     lbd_status,
@@ -30,7 +31,7 @@ from reliability_support import (
     save_all,
 )
 
-from lbd.testing.env import LbdEnv
+from lbd.testing.env import LbdEnv, eventually
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kernel]
@@ -168,6 +169,11 @@ def inventory_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
+def _no_draining(env: LbdEnv) -> None:
+    draining = [line for line in ipvs_services(env, NODE) if line.endswith(" -w 0")]
+    assert draining == [], draining[:5]
+
+
 def cleanup_all(env: LbdEnv) -> None:
     proc = run_lbd(env, NODE, "cleanup", "--proxy-mode", "all", *env.location_args(NODE))
     assert proc.returncode == 0, proc.stderr
@@ -182,6 +188,10 @@ def test_churn_leaves_exactly_what_a_fresh_daemon_writes(env: LbdEnv) -> None:
     # The keepers, the last few cycles' services and the stable one.
     assert len(env.api.server.list_objects("services")) == len(alive) + 1
     assert_converged(env, 30)
+    if env.mode == "ipvs":
+        # Real servers of removed endpoints drain at weight 0 and go once they have no
+        # connection (none here): within seconds, without any further change.
+        eventually(lambda: _no_draining(env), 60)
     assert env.stop_daemon(NODE) == 0
     churned = kernel_inventory(env, NODE)
     # The inventory sees the datapath (a reader that found nothing would compare equal).

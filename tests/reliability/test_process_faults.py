@@ -25,6 +25,7 @@ from reliability_support import (
     children,
     cmdline,
     daemon_pid,
+    dummy_addresses,
     ebpf_map_entries,
     ipvs_services,
     kernel_inventory,
@@ -197,12 +198,18 @@ def check_frontends(env: LbdEnv, node: str) -> set[str]:
     """Assert that every bulk service `node`'s kernel serves (read back by `lbd status`)
     has all of its endpoints; return their cluster IPs. For ebpf and ipvs, whose kernel
     objects are written one by one rather than in one table commit."""
+    # ipvs: a virtual server serves pods and outside clients only once its address is
+    # bound to the dummy interface (lbd binds it after adding the real servers).
+    bound = None
+    if env.mode == "ipvs":
+        bound = {a.split("/")[0] for a in dummy_addresses(env, node) or []}
     served: set[str] = set()
     for name, _, frontend, endpoints in lbd_status(env, node):
-        if not name.startswith("default/bulk-"):
+        ip = frontend.rsplit(":", 1)[0]
+        if not name.startswith("default/bulk-") or (bound is not None and ip not in bound):
             continue
         assert len(endpoints) == ENDPOINTS_PER_SERVICE, (frontend, endpoints)
-        served.add(frontend.rsplit(":", 1)[0])
+        served.add(ip)
     return served
 
 
