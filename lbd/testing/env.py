@@ -446,3 +446,19 @@ class LbdEnv:
     ) -> subprocess.CompletedProcess[str]:
         kwargs.setdefault("check", False)
         return self.cluster.exec(target, argv, **kwargs)
+
+    def ipvs_dummy_addresses(self, node: str) -> list[str] | None:
+        """lbd's addresses on ipvs mode's dummy interface in `node` ("ip/len", sorted);
+        None when the interface is absent. The kernel's own IPv6 link-local address
+        (random per interface) is not lbd's and is left out."""
+        from backends.ipvs.plan import DUMMY
+
+        proc = self.exec_in(node, ["ip", "-j", "addr", "show", "dev", DUMMY])
+        if proc.returncode != 0:
+            return None
+        return sorted(
+            f"{a['local']}/{a['prefixlen']}"
+            for link in json.loads(proc.stdout)
+            for a in link["addr_info"]
+            if a.get("scope") != "link"
+        )

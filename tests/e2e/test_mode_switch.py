@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from backends.base import HostUnsupported
-from backends.ipvs.plan import DUMMY
 from backends.registry import check_host
 from lbd.testing.env import LbdEnv
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
@@ -118,7 +117,7 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
             if previous != "iptables":
                 _wait(lambda prev=previous: "10.96.8.8" not in lbd_status(env, prev))
             if previous == "ipvs":
-                _wait(lambda: not ipvs_dummy_addresses(env, "node-1"))
+                _wait(lambda: not env.ipvs_dummy_addresses("node-1"))
             if mode in ("iptables", "ipvs"):
                 assert iptables_rules(env, "node-1") > 0  # both keep rules in LBD- chains
             pod.wait_for(len(pod.samples) + 20)
@@ -145,28 +144,6 @@ def failures_by_switch(failures: list, switched_at: list[tuple[float, str]]) -> 
                 phase = name
         out[phase] = out.get(phase, 0) + 1
     return out
-
-
-def ipvs_dummy_addresses(env: LbdEnv, node: str) -> list[str]:
-    """Addresses on ipvs mode's dummy interface in the node's netns (none once it left)."""
-    out = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            env.cluster.netns_of(node),
-            "ip",
-            "-o",
-            "addr",
-            "show",
-            "dev",
-            DUMMY,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    return [line for line in out.splitlines() if "inet" in line]
 
 
 def lbd_status(env: LbdEnv, mode: str) -> str:

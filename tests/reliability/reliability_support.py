@@ -576,22 +576,6 @@ def lbd_ipsets(env: LbdEnv, node: str) -> list[str]:
     )
 
 
-def dummy_addresses(env: LbdEnv, node: str) -> list[str] | None:
-    """Addresses on ipvs mode's dummy interface; None when the interface is absent."""
-    from backends.ipvs.plan import DUMMY
-
-    proc = env.exec_in(node, ["ip", "-j", "addr", "show", "dev", DUMMY])
-    if proc.returncode != 0:
-        return None
-    # The kernel's own IPv6 link-local address (random per interface) is not lbd's.
-    return sorted(
-        f"{a['local']}/{a['prefixlen']}"
-        for link in json.loads(proc.stdout)
-        for a in link["addr_info"]
-        if a.get("scope") != "link"
-    )
-
-
 def kernel_inventory(env: LbdEnv, node: str) -> dict[str, Any]:
     """Everything of lbd's that `node`'s kernel holds in the env's mode, in a form two
     daemons that programmed the same services write identically (no map ids, no
@@ -604,7 +588,7 @@ def kernel_inventory(env: LbdEnv, node: str) -> dict[str, Any]:
     if env.mode == "ipvs":
         inv["ipvs"] = ipvs_services(env, node)
         inv["ipsets"] = lbd_ipsets(env, node)
-        inv["dummy"] = dummy_addresses(env, node)
+        inv["dummy"] = env.ipvs_dummy_addresses(node)
     if env.mode == "ebpf":
         inv["pinned"] = pinned_objects(env, node)
         inv["maps"] = ebpf_map_entries(env, node)
@@ -621,7 +605,7 @@ def lbd_leftovers(env: LbdEnv, node: str) -> list[str]:
     ipvs = env.exec_in(node, ["ipvsadm", "-Sn"])
     if ipvs.returncode == 0:  # no IPVS in this kernel: nothing to leave behind
         found += [f"ipvs: {line}" for line in ipvs.stdout.splitlines() if line.strip()]
-    if dummy_addresses(env, node) is not None:
+    if env.ipvs_dummy_addresses(node) is not None:
         found.append("the ipvs dummy interface")
     if env.mode == "ebpf":
         found += [f"pinned: {p}" for p in pinned_objects(env, node)]

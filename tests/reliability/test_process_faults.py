@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 from reliability_support import (
@@ -25,7 +26,6 @@ from reliability_support import (
     children,
     cmdline,
     daemon_pid,
-    dummy_addresses,
     ebpf_map_entries,
     ipvs_services,
     kernel_inventory,
@@ -126,9 +126,10 @@ def wait_for_restore(pid: int, timeout: float, exclude: set[int]) -> int | None:
     return None
 
 
-def wait_for_growth(env: LbdEnv, node: str, baseline: int, timeout: float) -> None:
+def wait_for_growth(count: Callable[[], int], timeout: float) -> None:
+    baseline = count()
     deadline = time.monotonic() + timeout
-    while frontends_in_kernel(env, node) <= baseline:
+    while count() <= baseline:
         assert time.monotonic() < deadline, "no new frontend reached the kernel"
         time.sleep(RESTORE_POLL_INTERVAL)
 
@@ -202,7 +203,7 @@ def check_frontends(env: LbdEnv, node: str) -> set[str]:
     # bound to the dummy interface (lbd binds it after adding the real servers).
     bound = None
     if env.mode == "ipvs":
-        bound = {a.split("/")[0] for a in dummy_addresses(env, node) or []}
+        bound = {a.split("/")[0] for a in env.ipvs_dummy_addresses(node) or []}
     served: set[str] = set()
     for name, _, frontend, endpoints in lbd_status(env, node):
         ip = frontend.rsplit(":", 1)[0]
@@ -241,7 +242,7 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
             else:
                 # Other datapaths write frontend by frontend: kill once the first new
                 # ones are in the kernel, i.e. while the sync is (most likely) writing.
-                wait_for_growth(env, "node-1", frontends_in_kernel(env, "node-1"), RESTORE_WAIT)
+                wait_for_growth(frontend_counter(env, "node-1"), RESTORE_WAIT)
             kill9(env, "node-1")
             killed = time.monotonic()
             if caught is not None:
@@ -291,14 +292,15 @@ def test_restart_adopts_the_rules_in_place(mode: str) -> None:
 def _restart_adopts(env: LbdEnv) -> None:
     node = "node-1"
     before = kernel_inventory(env, node)
-    portals = frontends_in_kernel(env, node)
+    count = frontend_counter(env, node)
+    portals = count()
     assert portals > 0
     log = env.log_path(node)
     offset = log.stat().st_size
 
     with (
         StableTraffic(env, node, node) as traffic,
-        sampling(0.05, lambda: frontends_in_kernel(env, node)) as seen,
+        sampling(0.05, count) as seen,
     ):
         time.sleep(1.0)
         assert env.stop_daemon(node) == 0  # SIGTERM: a clean exit
@@ -318,13 +320,17 @@ def _restart_adopts(env: LbdEnv) -> None:
     assert syncs and syncs[0]["full"] is True, syncs[:2]
 
 
-def frontends_in_kernel(env: LbdEnv, node: str) -> int:
+def frontend_counter(env: LbdEnv, node: str) -> Callable[[], int]:
     """How many frontends `node`'s kernel holds, by a cheap read (polled every 50 ms):
     rules in the portal chain, IPVS virtual services, or entries of the services map."""
     if env.mode == "iptables":
         variant = lbd_variant(env, node)
-        saved = save_all(env, node, (variant,), ("nat",))[(variant, "iptables", "nat")]
-        return len(saved.rules_of("LBD-SERVICES"))
+
+        def portal_rules() -> int:
+            saved = save_all(env, node, (variant,), ("nat",))[(variant, "iptables", "nat")]
+            return len(saved.rules_of("LBD-SERVICES"))
+
+        return portal_rules
     if env.mode == "ipvs":
-        return sum(1 for line in ipvs_services(env, node) if line.startswith("-A "))
-    return ebpf_map_entries(env, node, ("lbd_services",))["lbd_services"]
+        return lambda: sum(1 for line in ipvs_services(env, node) if line.startswith("-A "))
+    return lambda: ebpf_map_entries(env, node, ("lbd_services",))["lbd_services"]
