@@ -25,6 +25,7 @@ from ebpf_support import EBPF_KERNEL_MARKS
 from backends.ebpf import EbpfBackend
 from backends.ebpf.cgroups import CgroupSandbox
 from backends.ebpf.conntrack import CtTimeouts
+from backends.ebpf.plan import BACKENDS, Op
 from bpf_lb.maps import CT_FORWARD, PROTO_TCP, PROTO_UDP
 from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort, ServicePortName
 from lbd.testing.cluster import MiniCluster, Pod
@@ -551,6 +552,27 @@ def test_a_full_sync_restores_what_was_removed(cluster, node1):
     assert "lbd_tc_from_netdev" in tc_filters(node.netns, "eth0", "ingress")
     result = from_outside(cluster, node.ipv4, NODE_PORT, n=60)
     assert result.failed == 0 and set(result.pods) == all_pods(cluster)
+
+
+def test_a_full_sync_checks_the_maps_and_repairs_what_another_writer_changed(cluster, node1):
+    node = cluster.nodes[0]
+    st = state(cluster, "node-1", svc("web", endpoints(cluster, "node-1"), node_port=NODE_PORT))
+    node1.sync(st, False)
+    # Untouched maps: the full sync finds them as lbd left them, and writes nothing.
+    clean = node1.sync(st, True)
+    assert "verified_ms" in clean.detail, clean.detail
+    assert not [k for k in clean.detail if k.endswith(("_write", "_delete"))], clean.detail
+    # Another writer points one backend at a port nothing listens on (written straight
+    # into the kernel: lbd's own view of the maps is not told).
+    bid, backend = min(node1.datapath.read_view().backends.items())
+    node1.datapath.apply_ops([Op(BACKENDS, bid, backend._replace(port=9))])
+    broken = from_outside(cluster, node.ipv4, NODE_PORT, n=40)
+    assert broken.failed > 0, broken.pods
+    repaired = node1.sync(st, True)
+    assert "read_ms" in repaired.detail and "verified_ms" not in repaired.detail
+    assert repaired.detail.get("lbd_backends_write") == 1, repaired.detail
+    result = from_outside(cluster, node.ipv4, NODE_PORT, n=60)
+    assert result.failed == 0 and set(result.pods) == all_pods(cluster), result.failures
 
 
 def test_socket_and_tc_load_balancing_together(cluster, sandbox, node1):
