@@ -37,6 +37,10 @@ STABLE = "stable"
 STABLE_VIP = "10.96.0.80"
 STABLE_PORT = PortSpec(80, 8080, "TCP", "http", node_port=30080)
 TRAFFIC_RATE = 20.0  # requests per second, per client
+# How much slower than this machine the tests run (scripts/vm-test sets it for the IPVS VM,
+# under emulation; tests/vm/timeouts.py stretches `eventually` by it): for the few bounds
+# on elapsed time that a test asserts rather than waits for.
+TIMEOUT_SCALE = float(os.environ.get("LBD_TEST_TIMEOUT_SCALE", "1") or 1)
 
 
 # --- the stable service and its traffic ----------------------------------------------
@@ -71,12 +75,18 @@ class StableTraffic:
     ) -> None:
         pod = env.cluster.pods_on(pod_node)[0]
         self.started = self.seconds = 0.0
-        self.cluster_ip = SteadyTraffic(pod.netns, STABLE_VIP, STABLE_PORT.port, rate=rate)
+        # A request gets 1 s here, and proportionally more under emulation, where a busy
+        # vCPU alone can hold a reply back for longer.
+        timeout = 1.0 * TIMEOUT_SCALE
+        self.cluster_ip = SteadyTraffic(
+            pod.netns, STABLE_VIP, STABLE_PORT.port, rate=rate, timeout=timeout
+        )
         self.node_port = SteadyTraffic(
             env.cluster.external.netns,
             env.node(node_port_node).ipv4,
             STABLE_PORT.node_port,
             rate=rate,
+            timeout=timeout,
         )
 
     def __enter__(self) -> StableTraffic:
