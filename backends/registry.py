@@ -80,8 +80,9 @@ def create_backend(cfg: ProxyConfig, netns: str | None = None) -> Backend:
 def cleanup_other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[str]:
     """Remove what other lbd modes left on this node (a mode switch); the modes cleaned.
 
-    Runs before the first sync, so traffic moves from the old datapath to the new one in
-    one step. A mode whose tooling is absent here cannot have left anything behind.
+    The daemon runs it once this mode's first sync is in, so services stay reachable
+    while the datapaths change hands. A mode whose tooling is absent here cannot have
+    left anything behind.
     """
     cleaned = []
     for mode in ("iptables", "ipvs", "ebpf"):
