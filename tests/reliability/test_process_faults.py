@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.kernel]
 BURST = 2000
 BULK_PORT = PortSpec(80, 8080, "TCP", "http")
 ENDPOINTS_PER_SERVICE = 2
-SLICE_CHANGES = "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+SERVICE_CHANGES = "kubeproxy_sync_proxy_rules_service_changes_total"
 # Looking for the iptables-restore of the burst: polled, not spun.
 RESTORE_POLL_INTERVAL = 0.005
 RESTORE_WAIT = 20.0
@@ -228,13 +228,17 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
         services, slices = bulk_objects(env)
         pid = daemon_pid(env, "node-1")
         with StableTraffic(env, "node-1", "node-1") as traffic:
-            received = env.metrics("node-1").get(SLICE_CHANGES, 0.0)
-            env.api.server.put_objects("Service", services)
+            received = env.metrics("node-1").get(SERVICE_CHANGES, 0.0)
+            # EndpointSlices first: a sync that fires while the Services arrive programs
+            # each of them with its endpoints, never as a service without any (a state
+            # that would be complete, but that the checks below could not tell from a
+            # frontend whose endpoints were cut off by the kill).
             env.api.server.put_objects("EndpointSlice", slices)
+            env.api.server.put_objects("Service", services)
             # The sync to interrupt is the one that programs the whole burst: it starts
-            # once the daemon holds every new EndpointSlice.
+            # once the daemon holds every new Service.
             eventually(
-                lambda: _at_least(env.metrics("node-1")[SLICE_CHANGES], received + BURST),
+                lambda: _at_least(env.metrics("node-1")[SERVICE_CHANGES], received + BURST),
                 RESTORE_WAIT,
                 interval=0.05,
             )
