@@ -570,19 +570,28 @@ class Datapath:
         )
         keys, values = self.dump(REV_NAT)
         v.rev_nat = dict(zip(maps.unpack_u32_keys(keys), maps.unpack_rev_nats(values), strict=True))
-        keys, values = self.dump(MAGLEV)
-        tables = maps.unpack_maglev_ids(values, self.maglev_table_size)
-        v.maglev = dict(zip(maps.unpack_u32_keys(keys), tables, strict=True))
-        keys, _ = self.dump(AFF_MATCH)
-        v.aff_match = set(maps.AFF_MATCH_KEY.iter_unpack(keys))
-        v.src_ranges = {maps.decode_src_range(k) for k in self.table(SRC_RANGE)}
         keys, values = self.dump(SVC_NAMES)
         v.svc_names = dict(
             zip(maps.unpack_u32_keys(keys), maps.unpack_svc_names(values), strict=True)
         )
-        cfg = self.table(CONFIG)[ct.c_uint32(0)]
-        v.config = maps.decode_config(cfg) if any(bytes(cfg)) else None
+        v.maglev, v.aff_match, v.src_ranges, v.config = self._read_summaries()
         return v
+
+    def _read_summaries(
+        self,
+    ) -> tuple[dict[int, frozenset[int]], set[tuple[int, int]], set[Any], Any]:
+        """The maps a view holds decoded or summarised rather than entry for entry:
+        Maglev tables (as their backend-id sets), affinity matches, source ranges and
+        the config."""
+        keys, values = self.dump(MAGLEV)
+        tables = maps.unpack_maglev_ids(values, self.maglev_table_size)
+        maglev = dict(zip(maps.unpack_u32_keys(keys), tables, strict=True))
+        keys, _ = self.dump(AFF_MATCH)
+        aff_match = set(maps.AFF_MATCH_KEY.iter_unpack(keys))
+        src_ranges = {maps.decode_src_range(k) for k in self.table(SRC_RANGE)}
+        cfg = self.table(CONFIG)[ct.c_uint32(0)]
+        config = maps.decode_config(cfg) if any(bytes(cfg)) else None
+        return maglev, aff_match, src_ranges, config
 
     def holds(self, view: MapView) -> bool:
         """Whether the control-plane maps hold exactly `view`.
@@ -611,17 +620,7 @@ class Datapath:
             ks, vs = self._sizes(name)
             if _entries(*self.dump(name), ks, vs) != _entries(keys, values, ks, vs):
                 return False
-        keys, _ = self.dump(AFF_MATCH)
-        if set(maps.AFF_MATCH_KEY.iter_unpack(keys)) != v.aff_match:
-            return False
-        keys, values = self.dump(MAGLEV)
-        tables = maps.unpack_maglev_ids(values, self.maglev_table_size)
-        if dict(zip(maps.unpack_u32_keys(keys), tables, strict=True)) != v.maglev:
-            return False
-        if {maps.decode_src_range(k) for k in self.table(SRC_RANGE)} != v.src_ranges:
-            return False
-        cfg = self.table(CONFIG)[ct.c_uint32(0)]
-        return (maps.decode_config(cfg) if any(bytes(cfg)) else None) == v.config
+        return self._read_summaries() == (v.maglev, v.aff_match, v.src_ranges, v.config)
 
     def apply(self, op: Op) -> None:
         """Perform one planned write (deleting something already gone is not an error)."""
