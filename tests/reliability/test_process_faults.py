@@ -49,9 +49,10 @@ BURST = 2000
 BULK_PORT = PortSpec(80, 8080, "TCP", "http")
 ENDPOINTS_PER_SERVICE = 2
 SERVICE_CHANGES = "kubeproxy_sync_proxy_rules_service_changes_total"
-# Looking for the iptables-restore of the burst: polled, not spun. Under emulation an
-# IPVS sync plans for ~20 s before its first frontend reaches the kernel: the wait
-# stretches with the other bounds.
+ENDPOINT_CHANGES = "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+# Looking for the iptables-restore of the burst: polled, not spun. Stretched under
+# emulation, where 20 s passed in the VM before an IPVS sync's first new frontend was
+# seen in the kernel.
 RESTORE_POLL_INTERVAL = 0.005
 RESTORE_WAIT = 20.0 * TIMEOUT_SCALE
 # The restarted daemon lists 2,000 services and programs them in one full sync. With
@@ -230,12 +231,24 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
         services, slices = bulk_objects(env)
         pid = daemon_pid(env, "node-1")
         with StableTraffic(env, "node-1", "node-1") as traffic:
-            received = env.metrics("node-1").get(SERVICE_CHANGES, 0.0)
-            # EndpointSlices first: a sync that fires while the Services arrive programs
-            # each of them with its endpoints, never as a service without any (a state
-            # that would be complete, but that the checks below could not tell from a
-            # frontend whose endpoints were cut off by the kill).
+            before = env.metrics("node-1")
+            # EndpointSlices first, and held by the daemon before any Service arrives: a
+            # sync that fires while the Services arrive then programs each of them with
+            # its endpoints, never as a service without any (a state that would be
+            # complete, but that the checks below could not tell from a frontend whose
+            # endpoints were cut off by the kill). Publishing them first is not enough:
+            # Services and EndpointSlices come on separate watches, and under emulation
+            # the Services' overtook the slices'.
             env.api.server.put_objects("EndpointSlice", slices)
+            eventually(
+                lambda: _at_least(
+                    env.metrics("node-1")[ENDPOINT_CHANGES],
+                    before.get(ENDPOINT_CHANGES, 0.0) + BURST,
+                ),
+                RESTORE_WAIT,
+                interval=0.05,
+            )
+            received = before.get(SERVICE_CHANGES, 0.0)
             env.api.server.put_objects("Service", services)
             # The sync to interrupt is the one that programs the whole burst: it starts
             # once the daemon holds every new Service.
