@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
+
 from backends.base import Backend, HostUnsupported
 from lbd.config import ProxyConfig
+
+log = structlog.get_logger("lbd.backends.registry")
 
 
 def check_host(mode: str, variant: str = "auto") -> None:
@@ -77,15 +82,12 @@ def create_backend(cfg: ProxyConfig, netns: str | None = None) -> Backend:
     raise HostUnsupported(f"proxy mode {cfg.mode!r} is not implemented in this build of lbd yet.")
 
 
-def cleanup_other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[str]:
-    """Remove what other lbd modes left on this node (a mode switch); the modes cleaned.
-
-    The daemon runs it once this mode's first sync is in, so services stay reachable
-    while the datapaths change hands. A mode whose tooling is absent here cannot have
-    left anything behind.
-    """
-    cleaned = []
-    for mode in ("iptables", "ipvs", "ebpf"):
+def other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[tuple[str, Backend]]:
+    """A backend for each other lbd mode that may have left a datapath on this node (a
+    mode switch), built ahead of the first sync so that retiring them right after it
+    costs no imports. A mode whose tooling is absent here cannot have left anything."""
+    out: list[tuple[str, Backend]] = []
+    for mode in ("ebpf", "iptables", "ipvs"):
         if mode == cfg.mode:
             continue
         if mode == "iptables":
@@ -94,9 +96,45 @@ def cleanup_other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[str]
             except HostUnsupported:
                 continue  # no iptables binaries: no iptables rules of ours either
         try:
-            backend = create_backend(replace(cfg, mode=mode), netns=netns)
+            out.append((mode, create_backend(replace(cfg, mode=mode), netns=netns)))
         except (HostUnsupported, ImportError):
             continue  # not available here: it cannot have written anything
+    return out
+
+
+def retire_modes(
+    others: list[tuple[str, Backend]],
+    drain_seconds: float = 0.0,
+    stop: threading.Event | None = None,
+) -> list[str]:
+    """Remove the datapaths of `others` (from `other_modes`); the modes cleaned.
+
+    With `drain_seconds`, an eBPF datapath is drained before it goes: its frontends are
+    withdrawn first (new flows reach this mode), and its programs stay that long for the
+    flows it balanced already, whose NAT lives in its own conntrack (iptables and IPVS
+    keep theirs in the kernel's, which outlives their rules). `stop` set ends the wait
+    early (the daemon is exiting).
+    """
+    draining = []
+    rest = []
+    for mode, backend in others:
+        if drain_seconds > 0 and mode == "ebpf":
+            from backends.ebpf.backend import EbpfBackend  # built, so importable
+
+            assert isinstance(backend, EbpfBackend)
+            withdrawn = backend.withdraw()
+            if withdrawn:
+                log.info("mode.draining", mode=mode, frontends=withdrawn, seconds=drain_seconds)
+                draining.append((mode, backend))
+                continue
+        rest.append((mode, backend))
+    cleaned = []
+    for mode, backend in rest:
         backend.cleanup()
         cleaned.append(mode)
+    if draining:
+        (stop or threading.Event()).wait(drain_seconds)
+        for mode, backend in draining:
+            backend.cleanup()
+            cleaned.append(mode)
     return cleaned

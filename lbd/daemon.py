@@ -9,9 +9,11 @@ restart or upgrade never interrupts traffic.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import signal
 import sys
+import threading
 import time
 from contextlib import suppress
 from datetime import datetime
@@ -19,7 +21,8 @@ from typing import Any
 
 import structlog
 
-from backends.registry import cleanup_other_modes, create_backend
+from backends.base import Backend
+from backends.registry import create_backend, other_modes, retire_modes
 from lbd import log as lbd_log
 from lbd import metrics
 from lbd.config import ProxyConfig
@@ -35,6 +38,11 @@ from lbd.sync import SyncRunner
 log = structlog.get_logger()
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+# On a switch away from ebpf, how long its programs stay after its frontends are gone:
+# flows it balanced (a NodePort client's, say) keep their NAT in its own conntrack and
+# finish; longer-lived ones are cut when it ends. Without it they were reset when tc
+# detached under them (seen in tests/e2e/test_mode_switch.py).
+MODE_SWITCH_DRAIN_SECONDS = 10.0
 
 
 def trigger_time(slice_obj: dict, default: float) -> float:
@@ -95,6 +103,9 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._built_rv = 0
         self._switched = False
+        self._stopping = threading.Event()  # set on exit: a drain in progress ends now
+        # The other modes' backends (a mode switch), built while the caches fill
+        self._other_modes: asyncio.Future[list[tuple[str, Backend]]] | None = None
 
     def build(self) -> ProxyState:
         self._built_rv = max(s.last_event_rv for s in (self.services, self.slices, self.nodes))
@@ -130,7 +141,17 @@ class Daemon:
     async def _remove_other_modes(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            cleaned = await loop.run_in_executor(None, cleanup_other_modes, self.cfg)
+            assert self._other_modes is not None  # set by run(), which syncs
+            others = await self._other_modes
+            cleaned = await loop.run_in_executor(
+                None,
+                functools.partial(
+                    retire_modes,
+                    others,
+                    drain_seconds=MODE_SWITCH_DRAIN_SECONDS,
+                    stop=self._stopping,
+                ),
+            )
         except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
             log.error("mode.cleanup_failed", error=str(err)[:500])
             return
@@ -166,6 +187,11 @@ class Daemon:
             where = self.cfg.kubeconfig or "the in-cluster service account"
             detail = " ".join(str(err).split())
             raise StartupError(f"cannot load API credentials from {where}: {detail}") from None
+        # Built now, so that retiring another mode's datapath right after the first sync
+        # costs no imports: while both datapaths are in place, iptables' FORWARD rule
+        # that drops conntrack-INVALID packets also drops replies to flows eBPF's tc
+        # translates (the kernel's conntrack never saw their translated form).
+        self._other_modes = asyncio.get_running_loop().run_in_executor(None, other_modes, self.cfg)
         not_ours = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
         reflectors = [
             Reflector(
@@ -222,6 +248,7 @@ class Daemon:
                 *(r.run() for r in reflectors), wait_synced(), self.runner.run(ready)
             )
         finally:
+            self._stopping.set()
             await self.health_checks.close()
             for r in runners:
                 await r.cleanup()

@@ -423,6 +423,25 @@ class EbpfBackend:
 
     # --- cleanup ----------------------------------------------------------------------------
 
+    def withdraw(self) -> int:
+        """Stop taking new flows, the first half of handing a node to another mode: every
+        frontend leaves the maps, so new connections reach the next mode's datapath,
+        while the programs, conntrack and reverse NAT stay for the flows this datapath
+        balanced already (replies to a NodePort client need them). `cleanup` afterwards
+        removes the rest. Returns the number of frontends withdrawn (0: nothing pinned)."""
+        with self._lock:
+            dp = self.datapath
+            if dp.loaded:
+                self._view = None  # the next sync reads the maps again
+                self._synced = None
+                return dp.withdraw_frontends()
+            if not dp.open_pins():
+                return 0
+            try:
+                return dp.withdraw_frontends()
+            finally:
+                dp.close()
+
     def cleanup(self) -> None:
         """Detach every program this instance (or a previous one with the same bpffs
         directory and netns) attached, and unpin its maps. The cgroup is the caller's."""

@@ -622,6 +622,21 @@ class Datapath:
                 return False
         return self._read_summaries() == (v.maglev, v.aff_match, v.src_ranges, v.config)
 
+    def withdraw_frontends(self) -> int:
+        """Delete every service map entry: heads first, so no lookup meets a head whose
+        slots are gone. New flows then pass to the kernel's own stack, while flows already
+        balanced carry on through conntrack and reverse NAT, which stay. Returns the
+        number of frontends (heads) deleted."""
+        ks, _ = self._sizes(SERVICES)
+        keys, _ = self.dump(SERVICES)
+        entries = [keys[i : i + ks] for i in range(0, len(keys), ks)]
+        heads = [k for k in entries if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"]
+        slots = [k for k in entries if k[_SLOT_AT : _SLOT_AT + 2] != b"\0\0"]
+        fd = self._fd(SERVICES)
+        bpfsys.map_delete(fd, b"".join(heads), ks)
+        bpfsys.map_delete(fd, b"".join(slots), ks)
+        return len(heads)
+
     def apply(self, op: Op) -> None:
         """Perform one planned write (deleting something already gone is not an error)."""
         self.apply_ops([op])
@@ -845,6 +860,11 @@ class Datapath:
         if parent.name == "lbd":
             with contextlib.suppress(OSError):
                 parent.rmdir()
+
+
+# Where a service map key holds its slot (lb_svc_key: a 16-byte address, the 2-byte
+# port, then the slot; maps.SVC_KEY).
+_SLOT_AT = 18
 
 
 def _entries(keys: bytes, values: bytes, ks: int, vs: int) -> dict[bytes, bytes]:

@@ -193,3 +193,43 @@ def test_a_full_map_is_reported_not_half_written(pin_dir: Path) -> None:
         assert len(view.services) == 36 and len(kernel) == 40
     finally:
         backend.cleanup()
+
+
+def test_withdrawing_the_frontends_keeps_what_balanced_flows_need(pin_dir: Path) -> None:
+    """The first half of leaving ebpf (a mode switch): every frontend goes, so new flows
+    pass to the next mode, and what established flows use stays until cleanup."""
+    from backends.ebpf.backend import EbpfBackend
+    from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
+    from lbd.model.state import ServicePortName as Name
+
+    ports = {}
+    for i in range(3):
+        sp = ServicePort(
+            Name("default", f"s{i}", "", Protocol.TCP),
+            IPFamily.V4,
+            f"10.96.0.{i + 1}",
+            80,
+            Protocol.TCP,
+            cluster_endpoints=tuple(Endpoint(f"10.244.{i}.{j}", 8080) for j in range(1, 4)),
+        )
+        ports[(sp.name, sp.family)] = sp
+    backend = EbpfBackend(cgroup=None, bpffs=str(pin_dir), gc_interval=0)
+    try:
+        backend.sync(ProxyState("node-1", ("192.168.0.10",), service_ports=ports), full=True)
+        before = backend.datapath.read_view()
+        assert len(before.services) == 3 * 4
+        assert backend.withdraw() == 3
+        after = backend.datapath.read_view()
+        assert after.services == {}
+        assert after.backends == before.backends and after.rev_nat == before.rev_nat
+        assert backend.status() == []
+        assert backend.withdraw() == 0  # nothing left to withdraw
+        # a separate instance (the next mode's daemon) works from the pins alone
+        backend.sync(ProxyState("node-1", ("192.168.0.10",), service_ports=ports), full=True)
+        other = EbpfBackend(cgroup=None, bpffs=str(pin_dir), gc_interval=0)
+        assert other.withdraw() == 3
+        assert backend.datapath.read_view().services == {}
+        assert list(pin_dir.rglob("*"))  # the pins stay until cleanup
+    finally:
+        backend.cleanup()
+    assert not [p for p in pin_dir.rglob("*") if p.is_file()]
