@@ -24,6 +24,8 @@ from ebpf_support import EBPF_KERNEL_MARKS
 from backends.ebpf.loader import Datapath, MapSizes
 from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op
 from bpf_lb import bpfsys, maps
+from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
+from lbd.model.state import ServicePortName as Name
 
 pytestmark = EBPF_KERNEL_MARKS
 
@@ -147,26 +149,26 @@ def test_batched_writes_reads_and_deletes_round_trip(pin_dir: Path) -> None:
         dp.close()
 
 
+def cluster(n: int) -> ProxyState:
+    """`n` ClusterIP service ports with 3 endpoints each."""
+    ports = {}
+    for i in range(n):
+        eps = tuple(Endpoint(f"10.244.{i}.{j}", 8080) for j in range(1, 4))
+        sp = ServicePort(
+            Name("default", f"s{i}", "", Protocol.TCP),
+            IPFamily.V4,
+            f"10.96.0.{i + 1}",
+            80,
+            Protocol.TCP,
+            cluster_endpoints=eps,
+        )
+        ports[(sp.name, sp.family)] = sp
+    return ProxyState("node-1", ("192.168.0.10",), service_ports=ports)
+
+
 def test_a_full_map_is_reported_not_half_written(pin_dir: Path) -> None:
     from backends.ebpf.backend import MAP_PRESSURE, EbpfBackend
     from backends.ebpf.plan import MapCapacityError
-    from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
-    from lbd.model.state import ServicePortName as Name
-
-    def cluster(n: int) -> ProxyState:
-        ports = {}
-        for i in range(n):
-            eps = tuple(Endpoint(f"10.244.{i}.{j}", 8080) for j in range(1, 4))
-            sp = ServicePort(
-                Name("default", f"s{i}", "", Protocol.TCP),
-                IPFamily.V4,
-                f"10.96.0.{i + 1}",
-                80,
-                Protocol.TCP,
-                cluster_endpoints=eps,
-            )
-            ports[(sp.name, sp.family)] = sp
-        return ProxyState("node-1", ("192.168.0.10",), service_ports=ports)
 
     # 8 service ports x (1 + 3 slots) = 32 service entries; 40 fit, 44 do not
     sizes = MapSizes(services=40, backends=1024, rev_nat=1024, maglev=16, sock_rev=1024)
@@ -199,23 +201,10 @@ def test_withdrawing_the_frontends_keeps_what_balanced_flows_need(pin_dir: Path)
     """The first half of leaving ebpf (a mode switch): every frontend goes, so new flows
     pass to the next mode, and what established flows use stays until cleanup."""
     from backends.ebpf.backend import EbpfBackend
-    from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
-    from lbd.model.state import ServicePortName as Name
 
-    ports = {}
-    for i in range(3):
-        sp = ServicePort(
-            Name("default", f"s{i}", "", Protocol.TCP),
-            IPFamily.V4,
-            f"10.96.0.{i + 1}",
-            80,
-            Protocol.TCP,
-            cluster_endpoints=tuple(Endpoint(f"10.244.{i}.{j}", 8080) for j in range(1, 4)),
-        )
-        ports[(sp.name, sp.family)] = sp
     backend = EbpfBackend(cgroup=None, bpffs=str(pin_dir), gc_interval=0)
     try:
-        backend.sync(ProxyState("node-1", ("192.168.0.10",), service_ports=ports), full=True)
+        backend.sync(cluster(3), full=True)
         before = backend.datapath.read_view()
         assert len(before.services) == 3 * 4
         assert backend.withdraw() == 3
@@ -225,7 +214,7 @@ def test_withdrawing_the_frontends_keeps_what_balanced_flows_need(pin_dir: Path)
         assert backend.status() == []
         assert backend.withdraw() == 0  # nothing left to withdraw
         # a separate instance (the next mode's daemon) works from the pins alone
-        backend.sync(ProxyState("node-1", ("192.168.0.10",), service_ports=ports), full=True)
+        backend.sync(cluster(3), full=True)
         other = EbpfBackend(cgroup=None, bpffs=str(pin_dir), gc_interval=0)
         assert other.withdraw() == 3
         assert backend.datapath.read_view().services == {}
