@@ -554,11 +554,15 @@ def addr_bytes(ip: str) -> bytes:
         return packed + bytes(16 - len(packed))
 
 
+# Where the slot sits in a service map key: after the 16-byte address and 2-byte port.
+SVC_KEY_SLOT = slice(18, 20)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes]:
     """A frontend's key bytes before and after the slot (which sits in the middle)."""
     whole = SVC_KEY.pack(addr_bytes(fe.addr), htons(fe.port), 0, fe.proto, fe.family, fe.scope, 0)
-    return whole[:18], whole[20:]
+    return whole[: SVC_KEY_SLOT.start], whole[SVC_KEY_SLOT.stop :]
 
 
 _SLOT = struct.Struct("=H")

@@ -143,6 +143,7 @@ class Daemon:
         try:
             assert self._other_modes is not None  # set by run(), which syncs
             others = await self._other_modes
+            self._other_modes = None  # held no longer than the switch needs them
             cleaned = await loop.run_in_executor(
                 None,
                 functools.partial(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from prometheus_client import Gauge
@@ -402,10 +403,7 @@ class EbpfBackend:
 
     def status(self) -> list[FrontendStatus]:
         with self._lock:
-            if self.datapath.loaded:
-                view = self.datapath.read_view()
-            else:
-                view = _read_pinned_view(self.datapath)
+            view = _on_datapath(self.datapath, Datapath.read_view, MapView())
         out = []
         for (fe, slot), head in sorted(view.services.items()):
             if slot != 0 or fe.scope != SCOPE_EXT:
@@ -430,17 +428,9 @@ class EbpfBackend:
         balanced already (replies to a NodePort client need them). `cleanup` afterwards
         removes the rest. Returns the number of frontends withdrawn (0: nothing pinned)."""
         with self._lock:
-            dp = self.datapath
-            if dp.loaded:
-                self._view = None  # the next sync reads the maps again
-                self._synced = None
-                return dp.withdraw_frontends()
-            if not dp.open_pins():
-                return 0
-            try:
-                return dp.withdraw_frontends()
-            finally:
-                dp.close()
+            self._view = None  # the next sync reads the maps again
+            self._synced = None
+            return _on_datapath(self.datapath, Datapath.withdraw_frontends, 0)
 
     def cleanup(self) -> None:
         """Detach every program this instance (or a previous one with the same bpffs
@@ -479,11 +469,18 @@ def _ms_since(t: float) -> int:
     return int((time.monotonic() - t) * 1000)
 
 
-def _read_pinned_view(dp: Datapath) -> MapView:
-    """Status without loading anything: the pinned maps, if this instance has them."""
+T = TypeVar("T")
+
+
+def _on_datapath(dp: Datapath, fn: Callable[[Datapath], T], default: T) -> T:
+    """`fn(dp)` on the loaded datapath, or else on its pinned maps without loading
+    anything (status, withdrawal by another mode's daemon); `default` when nothing is
+    pinned."""
+    if dp.loaded:
+        return fn(dp)
     if not dp.open_pins():
-        return MapView()
+        return default
     try:
-        return dp.read_view()
+        return fn(dp)
     finally:
         dp.close()

@@ -630,8 +630,8 @@ class Datapath:
         ks, _ = self._sizes(SERVICES)
         keys, _ = self.dump(SERVICES)
         entries = [keys[i : i + ks] for i in range(0, len(keys), ks)]
-        heads = [k for k in entries if k[_SLOT_AT : _SLOT_AT + 2] == b"\0\0"]
-        slots = [k for k in entries if k[_SLOT_AT : _SLOT_AT + 2] != b"\0\0"]
+        heads = [k for k in entries if k[maps.SVC_KEY_SLOT] == b"\0\0"]
+        slots = [k for k in entries if k[maps.SVC_KEY_SLOT] != b"\0\0"]
         fd = self._fd(SERVICES)
         bpfsys.map_delete(fd, b"".join(heads), ks)
         bpfsys.map_delete(fd, b"".join(slots), ks)
@@ -860,11 +860,6 @@ class Datapath:
         if parent.name == "lbd":
             with contextlib.suppress(OSError):
                 parent.rmdir()
-
-
-# Where a service map key holds its slot (lb_svc_key: a 16-byte address, the 2-byte
-# port, then the slot; maps.SVC_KEY).
-_SLOT_AT = 18
 
 
 def _entries(keys: bytes, values: bytes, ks: int, vs: int) -> dict[bytes, bytes]:

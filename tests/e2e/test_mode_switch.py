@@ -133,12 +133,14 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     # its first sync, so that window is milliseconds; every other request succeeds.
     failures: dict[str, int] = {}
     for traffic in (pod, ext):
+        by_switch = failures_by_switch(traffic.failures, switched_at)
         assert len(traffic.failures) <= 2 * len(walk) and len(traffic.successes) > 40, (
             traffic.summary(),
-            failures_by_switch(traffic.failures, switched_at),
+            by_switch,
         )
-        for phase, n in failures_by_switch(traffic.failures, switched_at).items():
+        for phase, n in by_switch.items():
             failures[phase] = failures.get(phase, 0) + n
+    print(f"\nfailed requests per switch (both clients): {failures}")  # shown with -s
     # Leaving ebpf, its frontends go first and its programs stay for the flows it
     # balanced (a drain): without that, each client lost the request in flight when tc
     # detached (two of two, in every walk).

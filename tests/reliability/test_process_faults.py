@@ -140,6 +140,12 @@ def wait_for_growth(count: Callable[[], int], timeout: float) -> None:
         time.sleep(RESTORE_POLL_INTERVAL)
 
 
+def wait_for_burst(env: LbdEnv, counter: str, before: dict[str, float]) -> None:
+    """Until node-1's change `counter` has counted the whole burst since `before`."""
+    want = before.get(counter, 0.0) + BURST
+    eventually(lambda: _at_least(env.metrics("node-1")[counter], want), RESTORE_WAIT, interval=0.05)
+
+
 def _at_least(value: float, want: float) -> None:
     assert value >= want, (value, want)
 
@@ -240,23 +246,11 @@ def test_kill_9_in_the_middle_of_a_large_sync(mode: str) -> None:
             # Services and EndpointSlices come on separate watches, and under emulation
             # the Services' overtook the slices'.
             env.api.server.put_objects("EndpointSlice", slices)
-            eventually(
-                lambda: _at_least(
-                    env.metrics("node-1")[ENDPOINT_CHANGES],
-                    before.get(ENDPOINT_CHANGES, 0.0) + BURST,
-                ),
-                RESTORE_WAIT,
-                interval=0.05,
-            )
-            received = before.get(SERVICE_CHANGES, 0.0)
+            wait_for_burst(env, ENDPOINT_CHANGES, before)
             env.api.server.put_objects("Service", services)
             # The sync to interrupt is the one that programs the whole burst: it starts
             # once the daemon holds every new Service.
-            eventually(
-                lambda: _at_least(env.metrics("node-1")[SERVICE_CHANGES], received + BURST),
-                RESTORE_WAIT,
-                interval=0.05,
-            )
+            wait_for_burst(env, SERVICE_CHANGES, before)
             caught = None
             if mode == "iptables":
                 # A restore already running belongs to an earlier, smaller sync.
