@@ -19,10 +19,10 @@ import ipaddress
 import itertools
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SOURCE_DIR = Path(__file__).resolve().parent
 C_SOURCES = ("lb.h", "sock.c", "tc.c")
@@ -559,10 +559,12 @@ SVC_KEY_SLOT = slice(18, 20)
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes]:
-    """A frontend's key bytes before and after the slot (which sits in the middle)."""
+def svc_key_parts(fe: Frontend) -> tuple[bytes, bytes, bytes]:
+    """A frontend's key bytes before and after the slot (which sits in the middle), and
+    the two joined (after, then before: what separates two slots of its keys)."""
     whole = SVC_KEY.pack(addr_bytes(fe.addr), htons(fe.port), 0, fe.proto, fe.family, fe.scope, 0)
-    return whole[: SVC_KEY_SLOT.start], whole[SVC_KEY_SLOT.stop :]
+    pre, post = whole[: SVC_KEY_SLOT.start], whole[SVC_KEY_SLOT.stop :]
+    return pre, post, post + pre
 
 
 _SLOT = struct.Struct("=H")
@@ -570,23 +572,59 @@ assert array.array("I").itemsize == U32.size
 _U32_ARRAY = functools.partial(array.array, "I")
 
 
-# The packed slot numbers a frontend usually has (more are packed when met).
-_SLOT_BYTES = [_SLOT.pack(i) for i in range(256)]
+class _SlotBytes(dict[int, bytes]):
+    """Packed slot numbers, packed once each when first met."""
+
+    def __missing__(self, slot: int) -> bytes:
+        packed = self[slot] = _SLOT.pack(slot)
+        return packed
 
 
-def pack_svc_keys(keys: Iterable[tuple[Frontend, int]]) -> bytes:
-    """Service map keys back to back; consecutive keys of one frontend (a plan writes a
-    frontend's slots together) share its packed address."""
-    parts: list[bytes] = []
-    last: Frontend | None = None
-    pre = post = b""
-    slot_bytes, pack_slot, n = _SLOT_BYTES, _SLOT.pack, len(_SLOT_BYTES)
-    for fe, slot in keys:
-        if fe is not last:
-            pre, post = svc_key_parts(fe)
-            last = fe
-        parts += (pre, slot_bytes[slot] if slot < n else pack_slot(slot), post)
-    return b"".join(parts)
+_SLOT_BYTES = _SlotBytes()
+# A backend slot's lb_svc_val: the backend id, every other field zero.
+SLOT_VAL = struct.Struct("=I16x")
+assert SLOT_VAL.size == SVC_VAL.size
+
+
+def pack_svc_slot_keys(fe: Frontend, slots: Sequence[int]) -> bytes:
+    """The service map keys of `fe`'s `slots`, back to back (the frontend's part is
+    packed once and the slots joined in by C, whatever their number)."""
+    if not slots:
+        return b""
+    pre, post, between = svc_key_parts(fe)
+    return pre + between.join(map(_SLOT_BYTES.__getitem__, slots)) + post
+
+
+def pack_svc_slot_values(values: Iterable[Any]) -> bytes:
+    """Service map values back to back: an int is a backend slot's (that backend id),
+    anything else a whole ServiceValue (a head)."""
+    slot, whole = SLOT_VAL.pack, SVC_VAL.pack
+    return b"".join([slot(v) if v.__class__ is int else whole(*v) for v in values])
+
+
+def pack_svc_entries(
+    keys: Iterable[tuple[Frontend, Sequence[int]]], values: Iterable[Sequence[Any]]
+) -> tuple[bytes, bytes]:
+    """Packed keys and values of service map writes: per frontend, its slot numbers and
+    their values in the same order (see pack_svc_slot_values)."""
+    ks = b"".join([pack_svc_slot_keys(fe, slots) for fe, slots in keys])
+    vs = pack_svc_slot_values(itertools.chain.from_iterable(values))
+    return ks, vs
+
+
+def pack_frontends(frontends: Mapping[Frontend, Sequence[Any]]) -> tuple[bytes, bytes]:
+    """Every entry of frontends held per slot (index = slot, None = no entry), packed
+    as pack_svc_entries packs them."""
+    keys: list[bytes] = []
+    values: list[Sequence[Any]] = []
+    for fe, slots in frontends.items():
+        if None in slots:
+            keys.append(pack_svc_slot_keys(fe, [i for i, v in enumerate(slots) if v is not None]))
+            values.append([v for v in slots if v is not None])
+        else:
+            keys.append(pack_svc_slot_keys(fe, range(len(slots))))
+            values.append(slots)
+    return b"".join(keys), pack_svc_slot_values(itertools.chain.from_iterable(values))
 
 
 def pack_u32s(values: Iterable[int]) -> bytes:
@@ -596,11 +634,6 @@ def pack_u32s(values: Iterable[int]) -> bytes:
 
 def pack_aff_match_keys(keys: Iterable[tuple[int, int]]) -> bytes:
     return b"".join(itertools.starmap(AFF_MATCH_KEY.pack, keys))
-
-
-def pack_svc_vals(values: Iterable[ServiceValue]) -> bytes:
-    # starmap: the whole loop runs in C (a first sync at 10k packs 121k of these)
-    return b"".join(itertools.starmap(SVC_VAL.pack, values))
 
 
 def pack_svc_key(fe: Frontend, slot: int) -> bytes:
@@ -651,14 +684,23 @@ def _frontend(raw_addr: bytes, port: int, proto: int, family: int, scope: int) -
     return Frontend(_addr_text(raw_addr, family), ntohs(port), proto, family, scope)
 
 
-def unpack_services(keys: bytes, values: bytes) -> dict[tuple[Frontend, int], ServiceValue]:
-    fe, new = _frontend, tuple.__new__  # struct already made the value's tuple
-    return {
-        (fe(addr, port, proto, family, scope), slot): new(ServiceValue, val)
-        for (addr, port, slot, proto, family, scope, _), val in zip(
-            SVC_KEY.iter_unpack(keys), SVC_VAL.iter_unpack(values), strict=True
-        )
-    }
+def unpack_frontends(keys: bytes, values: bytes) -> dict[Frontend, list[Any]]:
+    """Service map entries per frontend, as a list indexed by slot: the head (slot 0) as
+    a ServiceValue, a backend slot as its backend id when every other field is zero (as
+    lbd writes them), else as the whole ServiceValue; None where a slot has no entry."""
+    fe_of, new = _frontend, tuple.__new__  # struct already made the value's tuple
+    out: dict[Frontend, list[Any]] = {}
+    for (addr, port, slot, proto, family, scope, _), val in zip(
+        SVC_KEY.iter_unpack(keys), SVC_VAL.iter_unpack(values), strict=True
+    ):
+        fe = fe_of(addr, port, proto, family, scope)
+        slots = out.get(fe)
+        if slots is None:
+            out[fe] = slots = []
+        if slot >= len(slots):
+            slots.extend([None] * (slot + 1 - len(slots)))
+        slots[slot] = val[0] if slot and not any(val[1:]) else new(ServiceValue, val)
+    return out
 
 
 def unpack_u32_keys(keys: bytes) -> list[int]:

@@ -37,6 +37,7 @@ from backends.ebpf.plan import (
     PlanOptions,
     check_capacity,
     plan,
+    slot_backend,
 )
 from bpf_lb import bpfsys
 from bpf_lb.maglev import DEFAULT_TABLE_SIZE
@@ -306,12 +307,12 @@ class EbpfBackend:
 
     @staticmethod
     def _touched_rev_nat_ids(view: MapView, ops: Sequence[Op]) -> set[int]:
-        fe_slots = view.index().fe_slots
+        frontends = view.frontends
         out = set()
         for fe in {op.key[0] for op in ops if op.map == SERVICES}:
-            head = fe_slots.get(fe, {}).get(0)
-            if head is not None:
-                out.add(head.rev_nat_id)
+            slots = frontends.get(fe)
+            if slots and slots[0] is not None:
+                out.add(slots[0].rev_nat_id)
         return out
 
     def _clean_udp(self, view: MapView, rev_nat_ids: set[int] | None = None) -> int:
@@ -337,10 +338,11 @@ class EbpfBackend:
             ct_left = len(entries) - ct_n
             timeouts = {}
             # only services with affinity have members (lbd_aff_match): no walk of them all
-            ix = (self._view or MapView()).index()
+            view = self._view or MapView()
+            ix = view.index()
             for sid in ix.aff_by_sid:
                 for fe in ix.sid_fes.get(sid, ()):
-                    head = ix.fe_slots[fe][0]
+                    head = view.frontends[fe][0]
                     if head.affinity_timeout:
                         timeouts[sid] = head.affinity_timeout * 1_000_000_000
             aff_n, aff_left = self.datapath.affinity_delete_idle(timeouts, now_ns)
@@ -405,15 +407,15 @@ class EbpfBackend:
         with self._lock:
             view = _on_datapath(self.datapath, Datapath.read_view, MapView())
         out = []
-        for (fe, slot), head in sorted(view.services.items()):
-            if slot != 0 or fe.scope != SCOPE_EXT:
+        for fe, slots in sorted(view.frontends.items()):
+            head = slots[0]
+            if head is None or fe.scope != SCOPE_EXT:
                 continue
             name = view.svc_names.get(head.svc_id, f"svc-{head.svc_id}")
             service = name.split("#", 1)[0].rsplit("/", 2)[0]
             endpoints = []
-            for i in range(1, head.count + 1):
-                s = view.services.get((fe, i))
-                b = view.backends.get(s.backend_id) if s else None
+            for bid in map(slot_backend, slots[1 : head.count + 1]):
+                b = view.backends.get(bid) if bid is not None else None
                 if b is not None:
                     endpoints.append(str(b))
             out.append(FrontendStatus(service, _kind(head.flags), str(fe), tuple(endpoints)))

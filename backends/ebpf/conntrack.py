@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from backends.ebpf.plan import MapView
+from backends.ebpf.plan import MapView, slot_backend
 from bpf_lb.maps import (
     CT_CLOSING,
     CT_FORWARD,
@@ -98,11 +98,10 @@ def _rid_backends(view: MapView, rid: int) -> set[tuple[str, int]]:
     ix = view.index()
     found: set[tuple[str, int]] = set()
     for fe in ix.rid_fes.get(rid, ()):
-        slots = ix.fe_slots.get(fe, {})
-        head = slots.get(0)
-        for i in range(1, (head.count if head else 0) + 1):
-            slot = slots.get(i)
-            b = view.backends.get(slot.backend_id) if slot else None
+        slots = view.frontends.get(fe) or [None]
+        head = slots[0]
+        for bid in map(slot_backend, slots[1 : (head.count if head else 0) + 1]):
+            b = view.backends.get(bid) if bid is not None else None
             if b is not None:
                 found.add((b.addr, b.port))
     return found

@@ -24,7 +24,7 @@ import re
 import shutil
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -563,7 +563,7 @@ class Datapath:
     def read_view(self) -> MapView:
         """What the control-plane maps hold now."""
         v = MapView()
-        v.services = maps.unpack_services(*self.dump(SERVICES))
+        v.frontends = maps.unpack_frontends(*self.dump(SERVICES))
         keys, values = self.dump(BACKENDS)
         v.backends = dict(
             zip(maps.unpack_u32_keys(keys), maps.unpack_backends(values), strict=True)
@@ -603,7 +603,7 @@ class Datapath:
         A difference, whatever it is, sends the caller down the decoding path."""
         v = view
         packed = (
-            (SERVICES, maps.pack_svc_keys(v.services), maps.pack_svc_vals(v.services.values())),
+            (SERVICES, *maps.pack_frontends(v.frontends)),
             (BACKENDS, maps.pack_u32s(v.backends), maps.pack_backends(v.backends.values())),
             (
                 REV_NAT,
@@ -687,8 +687,8 @@ class Datapath:
         with ThreadPoolExecutor(1, thread_name_prefix="lbd-bpf-write") as pool:
             try:
                 for name, delete, start, stop in runs:
-                    for at in range(start, stop, PIPELINE_CHUNK):
-                        run = ops[at : min(stop, at + PIPELINE_CHUNK)]
+                    for at, end in _chunks(name, ops, start, stop):
+                        run = ops[at:end]
                         if name in _ONE_BY_ONE:  # BCC's tables: used from this thread only
                             finish()
                             calls += self._write_run(name, delete, run)
@@ -725,8 +725,11 @@ class Datapath:
     def _packed_run(self, name: str, delete: bool, run: Sequence[Op]) -> Callable[[], int]:
         """`run` packed, and the syscall(s) that write it (returning how many were made)."""
         ks, vs = self._sizes(name)
+        values = b""
         if name == SERVICES:
-            keys = maps.pack_svc_keys([op[1] for op in run])
+            keys, values = maps.pack_svc_entries(
+                [op[1] for op in run], [() if delete else op[2] for op in run]
+            )
         elif name == AFF_MATCH:
             keys = maps.pack_aff_match_keys([op[1] for op in run])
         else:  # u32 ids
@@ -739,11 +742,9 @@ class Datapath:
                 return 1
 
             return delete_all
-        if name == SERVICES:
-            values = maps.pack_svc_vals([op[2] for op in run])
-        elif name == BACKENDS:
+        if name == BACKENDS:
             values = maps.pack_backends([op[2] for op in run])
-        else:
+        elif name != SERVICES:
             values = b"".join([self._pack_value(name, op.value) for op in run])
         limit = self._max_entries(maps.MAP_SPECS[name])
 
@@ -860,6 +861,23 @@ class Datapath:
         if parent.name == "lbd":
             with contextlib.suppress(OSError):
                 parent.rmdir()
+
+
+def _chunks(name: str, ops: Sequence[Op], start: int, stop: int) -> Iterator[tuple[int, int]]:
+    """`ops[start:stop]` (one run) cut into pieces of about PIPELINE_CHUNK entries each
+    (an lbd_services op writes several)."""
+    if name != SERVICES:
+        for at in range(start, stop, PIPELINE_CHUNK):
+            yield at, min(stop, at + PIPELINE_CHUNK)
+        return
+    at, n = start, 0
+    for i in range(start, stop):
+        n += len(ops[i][1][1])
+        if n >= PIPELINE_CHUNK:
+            yield at, i + 1
+            at, n = i + 1, 0
+    if at < stop:
+        yield at, stop
 
 
 def _entries(keys: bytes, values: bytes, ks: int, vs: int) -> dict[bytes, bytes]:

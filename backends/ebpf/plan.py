@@ -29,6 +29,7 @@ import ipaddress
 import itertools
 import operator
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -98,21 +99,62 @@ class PlanOptions:
         maglev.validate_table_size(self.maglev_table_size)
 
 
+# A frontend's lbd_services entries, as a list indexed by slot: [0] its head (a
+# ServiceValue; None when the map lacks it), [i] the id of the backend in slot i (None
+# where the map has no entry; the whole ServiceValue where the map holds one that is not a
+# plain backend slot, which only a foreign writer leaves). It never ends in None. One list
+# per frontend rather than one entry per slot: a full sync at 10k services records,
+# packs and compares 11k of these instead of 121k entries.
+Slots = list[Any]
+
+
+def slot_backend(value: Any) -> int | None:
+    """The backend id a slot value (an element of Slots past the head) names, if any."""
+    if value is None or value.__class__ is int:
+        return value
+    return value.backend_id
+
+
+def slot_value(value: Any) -> ServiceValue:
+    """A Slots element as the lbd_services value the kernel holds."""
+    if value.__class__ is int:
+        return _new(ServiceValue, (value, *_ZEROS))
+    return value
+
+
+def _as_slot(value: ServiceValue) -> Any:
+    # a backend slot written whole is recorded as its id, as a read-back records it
+    return value[0] if value.__class__ is not int and not any(value[1:]) else value
+
+
+_FILLS: dict[int, tuple[int, ...]] = {}
+
+
+def fill_slots(n: int) -> tuple[int, ...]:
+    """The slot order of a frontend written whole: backend slots 1..n, then the head that
+    announces them (one tuple per n, shared: MapView.apply_run knows a fill by identity)."""
+    t = _FILLS.get(n)
+    if t is None:
+        t = _FILLS[n] = (*range(1, n + 1), 0)
+    return t
+
+
 @dataclass
 class MapView:
     """What lbd's maps hold (read from the kernel, or as left by the last applied plan).
 
     Only the maps the control plane owns; conntrack, affinity and socket reverse entries
-    belong to the datapath. Maglev tables are summarised by the set of backend ids they
-    hold (a table is recomputed only when that set must change).
+    belong to the datapath. lbd_services is held per frontend (`Slots`). Maglev tables
+    are summarised by the set of backend ids they hold (a table is recomputed only when
+    that set must change).
 
     Change it through `apply` only: it keeps derived indexes (`index()`) in step, which
     let an incremental plan touch only what one service port references. Code that edits
-    the dicts directly (tests simulating damage) must do so on a fresh `copy()`, whose
-    index is built from the dicts when first needed.
+    the containers directly (tests simulating damage) must do so on a fresh `copy()`,
+    whose index is built from them when first needed.
     """
 
-    services: dict[tuple[Frontend, int], ServiceValue] = field(default_factory=dict)
+    frontends: dict[Frontend, Slots] = field(default_factory=dict)
     backends: dict[int, Backend] = field(default_factory=dict)
     rev_nat: dict[int, RevNat] = field(default_factory=dict)
     maglev: dict[int, frozenset[int]] = field(default_factory=dict)
@@ -125,9 +167,20 @@ class MapView:
     high_water: dict[str, int] = field(default_factory=dict, compare=False)
     _ix: _Index | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def services(self) -> dict[tuple[Frontend, int], ServiceValue]:
+        """Every lbd_services entry, (frontend, slot) → value: a new dict on each call
+        (for `lbd status` and tests; the planner works on `frontends`)."""
+        return {
+            (fe, i): slot_value(v)
+            for fe, slots in self.frontends.items()
+            for i, v in enumerate(slots)
+            if v is not None
+        }
+
     def copy(self) -> MapView:
         return MapView(
-            dict(self.services),
+            {fe: list(slots) for fe, slots in self.frontends.items()},
             dict(self.backends),
             dict(self.rev_nat),
             dict(self.maglev),
@@ -148,14 +201,10 @@ class MapView:
         if ident > self.high_water.get(space, 0):
             self.high_water[space] = ident
 
-    def frontend_slots(self) -> dict[Frontend, dict[int, ServiceValue]]:
-        """Frontend → slot → value (the live index: do not modify)."""
-        return self.index().fe_slots
-
     def counts(self) -> dict[str, int]:
         """Entries per control-plane map (what the kernel holds after the plans so far)."""
         return {
-            SERVICES: len(self.services),
+            SERVICES: sum(len(s) - s.count(None) for s in self.frontends.values()),
             BACKENDS: len(self.backends),
             REV_NAT: len(self.rev_nat),
             MAGLEV: len(self.maglev),
@@ -169,16 +218,7 @@ class MapView:
         m, key, value = op
         ix = self._ix
         if m == SERVICES:
-            old = self.services.get(key)
-            if value is None:
-                self.services.pop(key, None)
-            else:
-                self.services[key] = value
-                if key[1] == 0:
-                    self._mark(SVC_NAMES, value.svc_id)
-                    self._mark(REV_NAT, value.rev_nat_id)
-            if ix is not None:
-                ix.service(key, old, value)
+            self._apply_slots(key[0], key[1], value)
         elif m == BACKENDS:
             old = self.backends.get(key)
             _put(self.backends, key, value)
@@ -216,6 +256,39 @@ class MapView:
         else:  # pragma: no cover - a planner bug
             raise ValueError(f"unknown map {m}")
 
+    def _apply_slots(
+        self, fe: Frontend, numbers: Sequence[int], values: Sequence[Any] | None
+    ) -> None:
+        """Record writes (or, `values` None, deletions) of one frontend's slots."""
+        ix = self._ix
+        cur = self.frontends.get(fe)
+        if values is None:
+            if cur is None:
+                return
+            for i in numbers:
+                if i < len(cur) and cur[i] is not None:
+                    old, cur[i] = cur[i], None
+                    if ix is not None:
+                        ix.slot(fe, i, old, None)
+            while cur and cur[-1] is None:
+                cur.pop()
+            if not cur:
+                del self.frontends[fe]
+            return
+        if cur is None:
+            self.frontends[fe] = cur = []
+        for i, v in zip(numbers, values, strict=True):
+            if i:
+                v = _as_slot(v)
+            elif v is not None:
+                self._mark(SVC_NAMES, v.svc_id)
+                self._mark(REV_NAT, v.rev_nat_id)
+            if i >= len(cur):
+                cur.extend([None] * (i + 1 - len(cur)))
+            old, cur[i] = cur[i], v
+            if ix is not None:
+                ix.slot(fe, i, old, v)
+
     def apply_all(self, ops: Sequence[Op], runs: Sequence[Run] | None = None) -> None:
         """`apply` each of `ops` (whose maximal runs are `runs`, if known)."""
         for m, delete, start, stop in runs if runs is not None else runs_of(ops):
@@ -223,41 +296,48 @@ class MapView:
 
     def apply_run(self, m: str, delete: bool, ops: Sequence[Op]) -> None:
         """`apply` each of `ops`, all writes (or all deletions, `delete`) to map `m`, with
-        fast paths for what a full sync writes in bulk (new service slots and backends: a
-        quarter of a million at 10k services): one loop per run, no per-op dispatch."""
+        fast paths for what a full sync writes in bulk (new frontends and backends: a
+        quarter of a million entries at 10k services): one loop per run, no per-op
+        dispatch, no per-slot step for a frontend written whole."""
         ix = self._ix
         if delete or ix is None:
             for op in ops:
                 self.apply(op)
         elif m == SERVICES:
-            services, fe_slots, refs = self.services, ix.fe_slots, ix.backend_refs
-            insert = services.setdefault
-            last: Frontend | None = None
-            slots: dict[int, ServiceValue] = {}
+            frontends, refs, sid_fes, rid_fes = (
+                self.frontends,
+                ix.backend_refs,
+                ix.sid_fes,
+                ix.rid_fes,
+            )
+            top_sid, top_rid = self.high_water.get(SVC_NAMES, 0), self.high_water.get(REV_NAT, 0)
             for op in ops:
-                key, value = op[1], op[2]
-                slot = key[1]
-                # setdefault + len: the key is hashed once (a (Frontend, slot) tuple's
-                # hash is not cached, and `in` followed by a store hashed it twice)
-                if slot:
-                    n = len(services)
-                    insert(key, value)
-                    added = len(services) > n
-                else:
-                    added = False
-                if not added:  # a head, or a slot rewritten (setdefault kept the old value)
+                fe, numbers = op[1]
+                values = op[2]
+                if fe in frontends or numbers is not _FILLS.get(len(numbers) - 1):
                     self.apply(op)
-                    last = None
                     continue
-                fe = key[0]
-                if fe is not last:  # a plan writes one frontend's slots together
-                    got = fe_slots.get(fe)
-                    if got is None:
-                        fe_slots[fe] = got = {}
-                    slots, last = got, fe
-                slots[slot] = value
-                bid = value[0]
-                refs[bid] = refs.get(bid, 0) + 1
+                # a new frontend written whole: (*backend ids, head) in fill order
+                head = values[-1]
+                frontends[fe] = [head, *values[:-1]]
+                refs.update(values[:-1])
+                sid, rid = head[1], head[2]
+                got = sid_fes.get(sid)
+                if got is None:
+                    sid_fes[sid] = {fe}
+                else:
+                    got.add(fe)
+                got = rid_fes.get(rid)
+                if got is None:
+                    rid_fes[rid] = {fe}
+                else:
+                    got.add(fe)
+                if sid > top_sid:
+                    top_sid = sid
+                if rid > top_rid:
+                    top_rid = rid
+            self._mark(SVC_NAMES, top_sid)
+            self._mark(REV_NAT, top_rid)
         elif m == BACKENDS:
             backends, backend_ids = self.backends, ix.backend_ids
             insert = backends.setdefault
@@ -292,7 +372,6 @@ class _Index:
     that port has entries, not as much as the whole view."""
 
     __slots__ = (
-        "fe_slots",
         "backend_ids",
         "backend_refs",
         "sid_names",
@@ -303,11 +382,10 @@ class _Index:
     )
 
     def __init__(self) -> None:
-        self.fe_slots: dict[Frontend, dict[int, ServiceValue]] = {}
         self.backend_ids: dict[tuple[str, int], list[int]] = {}  # (addr, port) → ids
-        self.backend_refs: dict[int, int] = {}  # backend id → slots naming it
+        self.backend_refs: Counter[int] = Counter()  # backend id → slots naming it
         self.sid_names: dict[str, list[int]] = {}  # svc name → svc ids holding it
-        self.sid_fes: dict[int, set[Frontend]] = {}  # svc id → frontends (slot 0) naming it
+        self.sid_fes: dict[int, set[Frontend]] = {}  # svc id → frontends (heads) naming it
         self.rid_fes: dict[int, set[Frontend]] = {}  # rev-NAT id → frontends naming it
         self.aff_by_sid: dict[int, set[int]] = {}  # svc id → backend ids (lbd_aff_match)
         self.src_by_rid: dict[int, set[SourceRange]] = {}
@@ -315,8 +393,12 @@ class _Index:
     @classmethod
     def build(cls, view: MapView) -> _Index:
         ix = cls()
-        for key, val in view.services.items():
-            ix.service(key, None, val)
+        refs = ix.backend_refs
+        for fe, slots in view.frontends.items():
+            head = slots[0]
+            if head is not None:
+                ix.slot(fe, 0, None, head)
+            refs.update(b for b in map(slot_backend, slots[1:]) if b is not None)
         for bid, b in view.backends.items():
             ix.backend(bid, None, b)
         for sid, name in view.svc_names.items():
@@ -338,33 +420,27 @@ class _Index:
                 hw[space] = top
         return ix
 
-    def service(self, key: tuple[Frontend, int], old: ServiceValue | None, new: Any) -> None:
-        fe, slot = key
-        if old is not None:
-            if slot == 0:
+    def slot(self, fe: Frontend, i: int, old: Any, new: Any) -> None:
+        """Slot `i` of `fe` went from `old` to `new` (Slots elements; None: absent)."""
+        if i == 0:
+            if old is not None:
                 _discard(self.sid_fes, old.svc_id, fe)
                 _discard(self.rid_fes, old.rev_nat_id, fe)
-            else:
-                n = self.backend_refs.get(old.backend_id, 0) - 1
-                if n > 0:
-                    self.backend_refs[old.backend_id] = n
-                else:
-                    self.backend_refs.pop(old.backend_id, None)
-        slots = self.fe_slots.get(fe)
-        if new is None:
-            if slots is not None:
-                slots.pop(slot, None)
-                if not slots:
-                    del self.fe_slots[fe]
+            if new is not None:
+                self.sid_fes.setdefault(new.svc_id, set()).add(fe)
+                self.rid_fes.setdefault(new.rev_nat_id, set()).add(fe)
             return
-        if slots is None:
-            self.fe_slots[fe] = slots = {}
-        slots[slot] = new
-        if slot == 0:
-            self.sid_fes.setdefault(new.svc_id, set()).add(fe)
-            self.rid_fes.setdefault(new.rev_nat_id, set()).add(fe)
-        else:
-            self.backend_refs[new.backend_id] = self.backend_refs.get(new.backend_id, 0) + 1
+        refs = self.backend_refs
+        bid = slot_backend(old)
+        if bid is not None:
+            n = refs[bid] - 1
+            if n > 0:
+                refs[bid] = n
+            else:
+                refs.pop(bid, None)
+        bid = slot_backend(new)
+        if bid is not None:
+            refs[bid] += 1
 
     def backend(self, bid: int, old: Backend | None, new: Backend | None) -> None:
         if old is not None:
@@ -427,12 +503,14 @@ def _put(d: dict, key: Any, value: Any) -> None:
 class Op(NamedTuple):
     """One map write: `value` None deletes `key`.
 
-    Keys/values per map: lbd_services (Frontend, slot) → ServiceValue; lbd_backends and
-    lbd_revnat id → Backend / RevNat; lbd_maglev svc_id → tuple of backend ids (the whole
-    table); lbd_aff_match (backend_id, svc_id) → True; lbd_srcrange SourceRange → True;
-    lbd_svcnames svc_id → name; lbd_config 0 → Config.
+    Keys/values per map: lbd_services (Frontend, slot numbers) → the values of those
+    slots, written in that order (`Slots` elements: backend ids for slots 1..n, a
+    ServiceValue for the head, slot 0); lbd_backends and lbd_revnat id → Backend / RevNat;
+    lbd_maglev svc_id → tuple of backend ids (the whole table); lbd_aff_match
+    (backend_id, svc_id) → True; lbd_srcrange SourceRange → True; lbd_svcnames svc_id →
+    name; lbd_config 0 → Config.
 
-    A NamedTuple: a full sync at 10k services plans a quarter of a million of these.
+    A NamedTuple: a full sync at 10k services plans over a hundred thousand of these.
     """
 
     map: str
@@ -470,14 +548,16 @@ def runs_of(ops: Sequence[Op]) -> tuple[Run, ...]:
 
 class _Assembly:
     """Ops appended a list at a time, each list one map's writes or deletions, with the
-    runs recorded as they grow: a plan of a quarter of a million ops is then never walked
-    op by op to find them (the loader and `Plan.counts` need only the runs)."""
+    runs and the entries per map recorded as they grow: a plan of a quarter of a million
+    entries is then never walked op by op to find them (the loader and `Plan.counts`
+    need only these)."""
 
-    __slots__ = ("ops", "runs")
+    __slots__ = ("ops", "runs", "entries")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.runs: list[Run] = []
+        self.entries: dict[str, int] = {}
 
     def add(self, m: str, delete: bool, ops: list[Op]) -> None:
         if not ops:
@@ -489,6 +569,19 @@ class _Assembly:
             self.runs[-1] = Run(m, delete, last.start, len(self.ops))
         else:
             self.runs.append(Run(m, delete, start, len(self.ops)))
+        k = _count_key(m, delete)
+        self.entries[k] = self.entries.get(k, 0) + _entries_of(m, ops)
+
+
+def _count_key(m: str, delete: bool) -> str:
+    return f"{m}_{'delete' if delete else 'write'}"
+
+
+def _entries_of(m: str, ops: Sequence[Op]) -> int:
+    """Map entries `ops` write or delete (an lbd_services op names several slots)."""
+    if m == SERVICES:
+        return sum(len(op[1][1]) for op in ops)
+    return len(ops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,16 +592,20 @@ class Plan:
     backends: int  # backend entries once the plan is applied
     # the maximal runs of `ops` (runs_of(ops)); None: found when asked
     runs: tuple[Run, ...] | None = None
+    # counts() as recorded while assembling; None: counted when asked
+    entries: dict[str, int] | None = None
 
     def op_runs(self) -> tuple[Run, ...]:
         return self.runs if self.runs is not None else runs_of(self.ops)
 
     def counts(self) -> dict[str, int]:
-        """Writes and deletions per map ("lbd_services_write": n, ...)."""
+        """Entries written and deleted per map ("lbd_services_write": n, ...)."""
+        if self.entries is not None:
+            return dict(self.entries)
         out: dict[str, int] = {}
         for m, delete, start, stop in self.op_runs():
-            k = f"{m}_{'delete' if delete else 'write'}"
-            out[k] = out.get(k, 0) + stop - start
+            k = _count_key(m, delete)
+            out[k] = out.get(k, 0) + _entries_of(m, self.ops[start:stop])
         return out
 
 
@@ -927,7 +1024,7 @@ def plan(
     cache = cache if cache is not None else FrontendCache()
     config = _config(state, options)
     ix = view.index()
-    fe_slots = ix.fe_slots
+    frontends = view.frontends
 
     # --- which frontends this plan looks at ------------------------------------------------
     incremental = (
@@ -960,11 +1057,11 @@ def plan(
         for fe in affected:
             if fe not in wants and fe in all_wants:
                 wants[fe] = all_wants[fe]  # lost by a changed port to another
-        current_slots = {fe: fe_slots[fe] for fe in affected if fe in fe_slots}
+        current_slots = {fe: frontends[fe] for fe in affected if fe in frontends}
     else:
         wants = cache.desired(state)
         n_frontends = len(wants)
-        current_slots = fe_slots
+        current_slots = frontends
 
     # --- backends: adopt ids by address ------------------------------------------------
     bid_alloc = _Ids(view.backends.__contains__, view.high_water.get(BACKENDS, 0))
@@ -1004,7 +1101,7 @@ def plan(
     ordered = sorted(wants, key=_order)
     for fe in ordered:
         name = wants[fe].view_key
-        cur = current_slots.get(fe, {}).get(0)
+        cur = _head(current_slots.get(fe))
         # A frontend's id is adoptable when no name (hence no other view) claims it.
         if (
             name not in svc_ids
@@ -1031,7 +1128,7 @@ def plan(
         addr_key = (fe.addr, fe.port, fe.proto, fe.family)
         if addr_key in rev_ids:
             continue
-        cur = current_slots.get(fe, {}).get(0)
+        cur = _head(current_slots.get(fe))
         if cur is not None and cur.rev_nat_id and cur.rev_nat_id not in rid_used:
             rev_ids[addr_key] = cur.rev_nat_id
             rid_used.add(cur.rev_nat_id)
@@ -1082,55 +1179,47 @@ def plan(
                     continue
                 if net.version == fe.family:
                     want_ranges.add(SourceRange(rid, str(net)))
-        cur = current_slots.get(fe, _EMPTY)
-        cur0 = cur.get(0)
-        old_count = cur0.count if cur0 is not None else 0
-        if cur:
-            slots = assign_slots(
-                {i: v.backend_id for i, v in cur.items() if i},
-                old_count,
-                view_backends[want.view_key],
-            )
-        else:
-            slots = view_backends[want.view_key]
-        entry = ServiceValue(
-            0,
-            sid,
-            rid,
-            want.sp.session_affinity_timeout if want.flags & SVC_AFFINITY else 0,
-            len(slots),
-            want.flags,
-        )
-        # tuple.__new__: a NamedTuple's own constructor costs twice as much
-        if not cur:  # a new frontend (every one, on a first sync)
-            slot_writes = [
-                _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, 0, 0, 0, 0, 0))))
-                for i, bid in enumerate(slots, 1)
-            ]
-        else:
-            slot_writes = []
-            for i, bid in enumerate(slots, 1):
-                c = cur.get(i)
-                if c is None or c != (bid, 0, 0, 0, 0, 0):
-                    slot_writes.append(
-                        _new(Op, (SERVICES, (fe, i), _new(ServiceValue, (bid, *_ZEROS))))
-                    )
-        slot_deletes = [Op(SERVICES, (fe, i)) for i in sorted(cur) if i > len(slots)]
-        if cur0 != entry:
-            head = Op(SERVICES, (fe, 0), entry)
-            if len(slots) >= old_count:
-                slot_writes.append(head)
-            else:
-                slot_writes.insert(0, head)
-        if slot_writes or slot_deletes:
-            service_groups.append((slot_writes, slot_deletes))
+        bids = view_backends[want.view_key]
+        aff = want.sp.session_affinity_timeout if want.flags & SVC_AFFINITY else 0
+        cur = current_slots.get(fe)
+        if cur is None:  # a new frontend (every one, on a first sync): written whole
+            # tuple.__new__: a NamedTuple's own constructor costs twice as much
+            entry = _new(ServiceValue, (0, sid, rid, aff, len(bids), want.flags))
+            writes = [_new(Op, (SERVICES, (fe, fill_slots(len(bids))), (*bids, entry)))]
+            service_groups.append((writes, []))
             changed_ports.add(_port_of(want.view_key))
-    removed_groups: list[list[Op]] = []
+            continue
+        head = cur[0]
+        old_count = head.count if head is not None else 0
+        if old_count == len(bids) and cur[1:] == bids:  # the same slots (compared in C)
+            slots = bids
+        else:
+            slots = assign_slots(
+                {i: b for i, v in enumerate(cur) if i and (b := slot_backend(v)) is not None},
+                old_count,
+                bids,
+            )
+        entry = _new(ServiceValue, (0, sid, rid, aff, len(slots), want.flags))
+        have = len(cur)
+        numbers = [i for i, bid in enumerate(slots, 1) if i >= have or cur[i] != bid]
+        values: list[Any] = [slots[i - 1] for i in numbers]
+        if head != entry:
+            if len(slots) >= old_count:  # the head announces the slots written first
+                numbers.append(0)
+                values.append(entry)
+            else:  # a shorter count first: no lookup reaches the slots about to go
+                numbers.insert(0, 0)
+                values.insert(0, entry)
+        gone = tuple(i for i in range(len(slots) + 1, have) if cur[i] is not None)
+        if numbers or gone:
+            writes = [Op(SERVICES, (fe, tuple(numbers)), tuple(values))] if numbers else []
+            service_groups.append((writes, [Op(SERVICES, (fe, gone))] if gone else []))
+            changed_ports.add(_port_of(want.view_key))
+    removed_groups: list[Op] = []
     for fe in sorted(set(current_slots) - set(wants), key=_order):
-        cur = current_slots[fe]
-        group = [Op(SERVICES, (fe, 0))] if 0 in cur else []
-        group += [Op(SERVICES, (fe, i)) for i in sorted(cur) if i]
-        removed_groups.append(group)
+        # the head first: no lookup meets a head whose slots are gone
+        present = tuple(i for i, v in enumerate(current_slots[fe]) if v is not None)
+        removed_groups.append(Op(SERVICES, (fe, present)))
 
     # --- what may go: everything (full), or what the changed ports referenced ----------
     if incremental:
@@ -1139,13 +1228,13 @@ def plan(
         cand_sids = set(old_sids)
         aff_refs: dict[int, int] = {}
         for slots_ in current_slots.values():
-            for i, v in slots_.items():
-                if i:
-                    cand_bids.add(v.backend_id)
-                    aff_refs[v.backend_id] = aff_refs.get(v.backend_id, 0) + 1
-                else:
-                    cand_sids.add(v.svc_id)
-                    cand_rids.add(v.rev_nat_id)
+            if slots_[0] is not None:
+                cand_sids.add(slots_[0].svc_id)
+                cand_rids.add(slots_[0].rev_nat_id)
+            for bid in map(slot_backend, slots_[1:]):
+                if bid is not None:
+                    cand_bids.add(bid)
+                    aff_refs[bid] = aff_refs.get(bid, 0) + 1
         cand_aff = {(b, s) for s in cand_sids for b in ix.aff_by_sid.get(s, ())}
         cand_ranges = {r for rid in cand_rids for r in ix.src_by_rid.get(rid, ())}
 
@@ -1217,8 +1306,7 @@ def plan(
     for writes, deletes in service_groups:
         out.add(SERVICES, False, writes)
         out.add(SERVICES, True, deletes)
-    for group in removed_groups:
-        out.add(SERVICES, True, group)
+    out.add(SERVICES, True, removed_groups)
     out.add(MAGLEV, True, [Op(MAGLEV, sid) for sid in del_maglev])
     out.add(SRC_RANGE, True, [Op(SRC_RANGE, r) for r in del_ranges])
     out.add(AFF_MATCH, True, [Op(AFF_MATCH, k) for k in del_aff])
@@ -1229,12 +1317,18 @@ def plan(
         ops=tuple(out.ops),
         changed_service_ports=len(changed_ports),
         frontends=n_frontends,
-        backends=len(have_b) + sum(1 for b in want_backends if b not in have_b) - len(del_backends),
+        backends=len(have_b)
+        + (sum(1 for b in want_backends if b not in have_b) if have_b else len(want_backends))
+        - len(del_backends),
         runs=tuple(out.runs),
+        entries=out.entries,
     )
 
 
-_EMPTY: dict[int, ServiceValue] = {}
+def _head(slots: Slots | None) -> ServiceValue | None:
+    return slots[0] if slots else None
+
+
 _KEY_VALUE = operator.itemgetter(1, 2)  # an Op's (key, value)
 _ZEROS = (0, 0, 0, 0, 0)
 _new = tuple.__new__
@@ -1279,7 +1373,6 @@ def entries_needed(view: MapView, ops: Iterable[Op]) -> dict[str, int]:
     what it holds now plus the new keys written before any deletion frees room
     (plans write first and delete last, so this is the peak)."""
     have: dict[str, Any] = {
-        SERVICES: view.services,
         BACKENDS: view.backends,
         REV_NAT: view.rev_nat,
         MAGLEV: view.maglev,
@@ -1287,11 +1380,18 @@ def entries_needed(view: MapView, ops: Iterable[Op]) -> dict[str, int]:
         SRC_RANGE: view.src_ranges,
         SVC_NAMES: view.svc_names,
     }
-    added: dict[str, set[Any]] = {m: set() for m in have}
+    added: dict[str, set[Any]] = {m: set() for m in (SERVICES, *have)}
     for m, key, value in ops:
-        if value is not None and m in have and key not in have[m]:
+        if value is None:
+            continue
+        if m == SERVICES:
+            fe, numbers = key
+            cur = view.frontends.get(fe) or ()
+            added[m].update((fe, i) for i in numbers if i >= len(cur) or cur[i] is None)
+        elif m in have and key not in have[m]:
             added[m].add(key)
-    return {m: len(have[m]) + len(added[m]) for m in have}
+    counts = view.counts()
+    return {m: counts[m] + len(new) for m, new in added.items()}
 
 
 def check_capacity(

@@ -22,7 +22,7 @@ import pytest
 from ebpf_support import EBPF_KERNEL_MARKS
 
 from backends.ebpf.loader import Datapath, MapSizes
-from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op
+from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op, fill_slots
 from bpf_lb import bpfsys, maps
 from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort
 from lbd.model.state import ServicePortName as Name
@@ -134,8 +134,9 @@ def test_batched_writes_reads_and_deletes_round_trip(pin_dir: Path) -> None:
     try:
         fe = maps.Frontend("10.96.0.10", 80, maps.PROTO_TCP, 4)
         ops = [Op(BACKENDS, i, maps.Backend(f"10.244.1.{i}", 8080, 4)) for i in range(1, 201)]
-        ops += [Op(SERVICES, (fe, i), maps.ServiceValue(i)) for i in range(1, 201)]
-        ops.append(Op(SERVICES, (fe, 0), maps.ServiceValue(0, 1, 1, 0, 200, 0)))
+        # the frontend's 200 slots, then its head: one op, 201 entries
+        head = maps.ServiceValue(0, 1, 1, 0, 200, 0)
+        ops.append(Op(SERVICES, (fe, fill_slots(200)), (*range(1, 201), head)))
         view = MapView()
         view.index()
         dp.apply_ops(ops, view)
@@ -184,7 +185,7 @@ def test_a_full_map_is_reported_not_half_written(pin_dir: Path) -> None:
         assert len(backend.datapath.read_view().services) == 36
         # the kernel's own refusal (E2BIG) is an error naming the map, too
         fe = maps.Frontend("10.96.9.9", 80, maps.PROTO_TCP, 4)
-        extra = [Op(SERVICES, (fe, i), maps.ServiceValue(1)) for i in range(1, 10)]
+        extra = [Op(SERVICES, (fe, (i,)), (1,)) for i in range(1, 10)]
         view = backend.datapath.read_view()
         view.index()
         with pytest.raises(bpfsys.MapFullError, match="lbd_services is full"):

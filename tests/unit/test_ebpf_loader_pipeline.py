@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from backends.ebpf import loader
-from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op, runs_of
+from backends.ebpf.plan import BACKENDS, SERVICES, MapView, Op, fill_slots, runs_of
 from bpf_lb import bpfsys, maps
 from bpf_lb.maps import Backend, Frontend, ServiceValue
 
@@ -24,12 +24,13 @@ def _addr(i: int) -> str:
 
 
 def _ops(n_backends: int) -> list[Op]:
-    """n backends, then one frontend per 10 of them (slots first, head last)."""
+    """n backends, then one frontend per 10 of them, each written whole (slots first,
+    head last)."""
     ops = [Op(BACKENDS, i, Backend(_addr(i), 8080, 4)) for i in range(1, n_backends + 1)]
     for f in range(n_backends // 10):
         fe = Frontend(f"10.96.{f >> 8}.{f & 255}", 80, 6, 4)
-        ops += [Op(SERVICES, (fe, s), ServiceValue(f * 10 + s)) for s in range(1, 11)]
-        ops.append(Op(SERVICES, (fe, 0), ServiceValue(0, f + 1, f + 1, 0, 10, 0)))
+        head = ServiceValue(0, f + 1, f + 1, 0, 10, 0)
+        ops.append(Op(SERVICES, (fe, fill_slots(10)), (*range(f * 10 + 1, f * 10 + 11), head)))
     return ops
 
 
@@ -77,9 +78,13 @@ def test_a_big_plan_is_written_in_order_in_chunks_and_recorded(
     view = MapView()
     view.index()
     calls = datapath.apply_ops(ops, view, runs_of(ops))
-    # the backends in 3 chunks, then the services (11 entries a frontend) in 3
+    # the backends in 3 chunks, then the services (11 entries a frontend, never split
+    # between two chunks) in 3
     sizes = [n for _, _, n, _ in fake.calls]
-    assert sizes == [CHUNK, CHUNK, 100, CHUNK, CHUNK, len(ops) - 2 * CHUNK - 100 - 2 * CHUNK]
+    n_backends = 2 * CHUNK + 100
+    assert sizes[:3] == [CHUNK, CHUNK, 100]
+    assert sum(sizes[3:]) == n_backends // 10 * 11
+    assert all(CHUNK <= n < CHUNK + 11 and n % 11 == 0 for n in sizes[3:5])
     assert calls == len(fake.calls)
     assert [fd for fd, _, _, _ in fake.calls] == [3, 3, 3, 4, 4, 4]
     first_ids = [maps.U32.unpack(k)[0] for _, k, _, _ in fake.calls[:3]]
@@ -87,7 +92,8 @@ def test_a_big_plan_is_written_in_order_in_chunks_and_recorded(
     assert {t for _, _, _, t in fake.calls} != {threading.current_thread().name}
     serial = _serial_view(ops)
     assert view == serial
-    assert view.index().fe_slots == serial.index().fe_slots
+    assert view.frontends == serial.frontends
+    assert view.index().sid_fes == serial.index().sid_fes
     assert view.index().backend_refs == serial.index().backend_refs
 
 

@@ -40,29 +40,33 @@ FRONTENDS = [
 def test_service_keys(fe: Frontend, slot: int) -> None:
     packed = maps.pack_svc_key(fe, slot)
     assert packed == bytes(maps.encode_svc_key(fe, slot))
-    assert maps.pack_svc_keys([(fe, slot)]) == packed
+    assert maps.pack_svc_slot_keys(fe, [slot]) == packed
 
 
-def test_service_keys_of_several_frontends_in_a_row() -> None:
-    keys = [(fe, slot) for fe in FRONTENDS for slot in range(3)] + [(FRONTENDS[0], 9)]
-    assert maps.pack_svc_keys(keys) == b"".join(bytes(maps.encode_svc_key(*k)) for k in keys)
+def test_service_keys_of_several_frontends_and_slots() -> None:
+    slots = [3, 0, 1, 2, 300]  # in any order, past the first 256 too
+    keys, values = maps.pack_svc_entries([(fe, slots) for fe in FRONTENDS], [[1] * 5] * 4)
+    assert keys == b"".join(bytes(maps.encode_svc_key(fe, i)) for fe in FRONTENDS for i in slots)
+    assert values == bytes(maps.encode_svc_val(ServiceValue(1))) * 20
+    assert maps.pack_svc_slot_keys(FRONTENDS[0], []) == b""
 
 
 VALUES = [
-    ServiceValue(backend_id=7),
-    ServiceValue(0, 3, 4, 60, 10, 0x1FF),
+    ServiceValue(0, 3, 4, 60, 10, 0x1FF),  # a head
+    7,  # a backend slot: its backend id
     ServiceValue(2**32 - 1, 0, 1, 0, 0, 0),  # not a plain slot value: packed in full
 ]
 
 
 def test_service_values_round_trip() -> None:
-    packed = maps.pack_svc_vals(VALUES)
-    assert packed == b"".join(bytes(maps.encode_svc_val(v)) for v in VALUES)
-    keys = maps.pack_svc_keys([(FRONTENDS[i % 4], i) for i in range(len(VALUES))])
-    assert list(maps.unpack_services(keys, packed).values()) == VALUES
-    assert list(maps.unpack_services(keys, packed)) == [
-        (FRONTENDS[i % 4], i) for i in range(len(VALUES))
-    ]
+    packed = maps.pack_svc_slot_values(VALUES)
+    whole = [v if isinstance(v, ServiceValue) else ServiceValue(v) for v in VALUES]
+    assert packed == b"".join(bytes(maps.encode_svc_val(v)) for v in whole)
+    # a frontend held per slot (slot 3 has no entry) packs and reads back as it was
+    frontends = {FRONTENDS[0]: [*VALUES, None, 9], FRONTENDS[2]: [None, 5]}
+    keys, values = maps.pack_frontends(frontends)
+    assert len(keys) == 5 * ctypes.sizeof(maps.SvcKey) and len(values) == 5 * maps.SVC_VAL.size
+    assert maps.unpack_frontends(keys, values) == frontends
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from backends.ebpf.plan import (
     assign_slots,
     plan,
     runs_of,
+    slot_value,
 )
 from bpf_lb import maglev
 from bpf_lb.maps import (
@@ -139,6 +140,17 @@ def ops_on(p: Plan, map_name: str) -> list[Op]:
     return [op for op in p.ops if op.map == map_name]
 
 
+def slot_ops(p: Plan) -> list[tuple[Frontend, int, ServiceValue | None]]:
+    """The plan's lbd_services writes entry by entry, in order: (frontend, slot, the value
+    written, or None for a deletion)."""
+    out: list[tuple[Frontend, int, ServiceValue | None]] = []
+    for op in ops_on(p, SERVICES):
+        frontend, numbers = op.key
+        values = [None] * len(numbers) if op.is_delete else map(slot_value, op.value)
+        out += [(frontend, i, v) for i, v in zip(numbers, values, strict=True)]
+    return out
+
+
 # --- what a state becomes ------------------------------------------------------------------
 
 
@@ -168,7 +180,7 @@ def test_ordering_creates_before_references_and_deletes_last() -> None:
     assert max(i for i, k in enumerate(kinds) if k == REV_NAT) < first_service
     # within a new frontend, the slots come before the head that exposes them
     for frontend in (fe(), fe(NODE_IP, 30080)):
-        mine = [op.key[1] for op in p.ops if op.map == SERVICES and op.key[0] == frontend]
+        mine = [i for f, i, _ in slot_ops(p) if f == frontend]
         assert mine[-1] == 0 and sorted(mine[:-1]) == [1, 2, 3]
 
 
@@ -238,7 +250,7 @@ def test_external_traffic_policy_local_has_two_scopes() -> None:
     # the cluster IP and the INT scope share the cluster view
     assert internal.svc_id == view.services[(fe(), 0)].svc_id
     # the INT entry is written before the EXT head that announces it
-    heads = [op.key[0].scope for op in p.ops if op.map == SERVICES and op.key[1] == 0]
+    heads = [f.scope for f, i, _ in slot_ops(p) if i == 0]
     assert heads.index(SCOPE_INT) < heads.index(SCOPE_EXT)
 
 
@@ -296,10 +308,10 @@ def test_adding_an_endpoint_touches_its_own_entries_only() -> None:
     assert [op.map for op in p.ops if op.map not in (SERVICES, BACKENDS)] == []
     assert ops_on(p, BACKENDS) == [Op(BACKENDS, 4, Backend("10.244.2.12", 8080, 4))]
     for frontend in (fe(), fe(NODE_IP, 30080)):
-        mine = [op for op in ops_on(p, SERVICES) if op.key[0] == frontend]
+        mine = [(i, v) for f, i, v in slot_ops(p) if f == frontend]
         # the new slot, then the head with the new count
-        assert [op.key[1] for op in mine] == [4, 0]
-        assert mine[1].value.count == 4
+        assert [i for i, _ in mine] == [4, 0]
+        assert mine[1][1] is not None and mine[1][1].count == 4
     assert p.changed_service_ports == 1
 
 
@@ -310,7 +322,7 @@ def test_replacing_an_endpoint_rewrites_one_slot_and_not_the_frontend() -> None:
     assert [op.map for op in p.ops] == [BACKENDS, SERVICES, BACKENDS]
     write, slot, delete = p.ops
     assert write.value == Backend("10.244.2.99", 8080, 4)
-    assert slot.key[1] != 0 and slot.value.backend_id == write.key
+    assert slot.key[1] != (0,) and slot.value == (write.key,)  # one backend slot
     assert delete.is_delete and view.backends[delete.key].addr == "10.244.1.12"
     assert addrs(after, fe()) == {str(Backend(e.ip, e.port, 4)) for e in replaced}
 
@@ -321,10 +333,10 @@ def test_removing_a_middle_endpoint_moves_the_last_slot() -> None:
     before = [b.addr for b in slots(view, fe())]
     gone = before[1]
     p, after = applied(state(sport(endpoints=tuple(e for e in five if e.ip != gone))), view)
-    services = ops_on(p, SERVICES)
+    services = slot_ops(p)
     # shrink: the head first (count 4), then slot 2 gets the old slot 5, then slot 5 goes
-    assert [(op.key[1], op.is_delete) for op in services] == [(0, False), (2, False), (5, True)]
-    assert services[0].value.count == 4
+    assert [(i, v is None) for _, i, v in services] == [(0, False), (2, False), (5, True)]
+    assert services[0][2] is not None and services[0][2].count == 4
     assert [b.addr for b in slots(after, fe())] == [before[0], before[4], before[2], before[3]]
     assert p.ops[-1].map == BACKENDS and p.ops[-1].is_delete
 
@@ -421,14 +433,13 @@ def _renumbered(view: MapView, offset: int) -> MapView:
     bmap = {bid: bid + offset for bid in view.backends}
     rmap = {rid: rid + offset for rid in view.rev_nat}
     smap = {sid: sid + offset for sid in view.svc_names}
-    services = {}
-    for (f, i), v in view.services.items():
-        if i:
-            services[(f, i)] = ServiceValue(backend_id=bmap[v.backend_id])
-        else:
-            services[(f, i)] = v._replace(svc_id=smap[v.svc_id], rev_nat_id=rmap[v.rev_nat_id])
+    frontends = {
+        f: [head._replace(svc_id=smap[head.svc_id], rev_nat_id=rmap[head.rev_nat_id])]
+        + [bmap[b] for b in rest]
+        for f, (head, *rest) in view.frontends.items()
+    }
     return MapView(
-        services=services,
+        frontends=frontends,
         backends={bmap[k]: v for k, v in view.backends.items()},
         rev_nat={rmap[k]: v for k, v in view.rev_nat.items()},
         maglev={smap[k]: frozenset(bmap[b] for b in v) for k, v in view.maglev.items()},
@@ -473,7 +484,7 @@ def test_sync_repairs_entries_changed_behind_its_back() -> None:
     s = state(sport(endpoints=EPS))
     _, view = applied(s)
     broken = view.copy()
-    del broken.services[(fe(), 2)]
+    broken.frontends[fe()][2] = None  # slot 2's entry gone
     broken.backends[1] = Backend("10.9.9.9", 1, 4)
     broken.src_ranges.add(SourceRange(77, "10.0.0.0/8"))
     broken.aff_match.add((1, 1))
@@ -684,9 +695,9 @@ def test_runs_are_maximal_and_counted_per_map() -> None:
     ops = [
         Op(BACKENDS, 1, b),
         Op(BACKENDS, 2, b),
-        Op(SERVICES, (fe(), 1), ServiceValue(1)),
-        Op(SERVICES, (fe(), 0), ServiceValue(0, 1, 1, 0, 1)),
-        Op(SERVICES, (fe(), 2)),
+        Op(SERVICES, (fe(), (1,)), (1,)),
+        Op(SERVICES, (fe(), (0,)), (ServiceValue(0, 1, 1, 0, 1),)),
+        Op(SERVICES, (fe(), (2, 3))),
         Op(BACKENDS, 3),
         Op(BACKENDS, 4),
     ]
@@ -703,7 +714,7 @@ def test_runs_are_maximal_and_counted_per_map() -> None:
     assert p.counts() == {
         "lbd_backends_write": 2,
         "lbd_services_write": 2,
-        "lbd_services_delete": 1,
+        "lbd_services_delete": 2,
         "lbd_backends_delete": 2,
     }
 
