@@ -32,6 +32,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import structlog
@@ -166,6 +167,9 @@ class MapView:
     # from the highest id the maps hold). Keeps freed ids from being reused at once.
     high_water: dict[str, int] = field(default_factory=dict, compare=False)
     _ix: _Index | None = field(default=None, compare=False, repr=False)
+    # lbd_services entries in `frontends`, kept by `apply` once counted (a sync reports
+    # map fill levels: no walk of 10k frontends for that)
+    _n_services: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def services(self) -> dict[tuple[Frontend, int], ServiceValue]:
@@ -204,7 +208,7 @@ class MapView:
     def counts(self) -> dict[str, int]:
         """Entries per control-plane map (what the kernel holds after the plans so far)."""
         return {
-            SERVICES: sum(len(s) - s.count(None) for s in self.frontends.values()),
+            SERVICES: self._service_entries(),
             BACKENDS: len(self.backends),
             REV_NAT: len(self.rev_nat),
             MAGLEV: len(self.maglev),
@@ -212,6 +216,11 @@ class MapView:
             SRC_RANGE: len(self.src_ranges),
             SVC_NAMES: len(self.svc_names),
         }
+
+    def _service_entries(self) -> int:
+        if self._n_services is None:
+            self._n_services = sum(len(s) - s.count(None) for s in self.frontends.values())
+        return self._n_services
 
     def apply(self, op: Op) -> None:
         """Record one applied write (the planner's model of the kernel)."""
@@ -262,32 +271,37 @@ class MapView:
         """Record writes (or, `values` None, deletions) of one frontend's slots."""
         ix = self._ix
         cur = self.frontends.get(fe)
+        n = 0  # entries added (deleted: negative)
         if values is None:
             if cur is None:
                 return
             for i in numbers:
                 if i < len(cur) and cur[i] is not None:
                     old, cur[i] = cur[i], None
+                    n -= 1
                     if ix is not None:
                         ix.slot(fe, i, old, None)
             while cur and cur[-1] is None:
                 cur.pop()
             if not cur:
                 del self.frontends[fe]
-            return
-        if cur is None:
-            self.frontends[fe] = cur = []
-        for i, v in zip(numbers, values, strict=True):
-            if i:
-                v = _as_slot(v)
-            elif v is not None:
-                self._mark(SVC_NAMES, v.svc_id)
-                self._mark(REV_NAT, v.rev_nat_id)
-            if i >= len(cur):
-                cur.extend([None] * (i + 1 - len(cur)))
-            old, cur[i] = cur[i], v
-            if ix is not None:
-                ix.slot(fe, i, old, v)
+        else:
+            if cur is None:
+                self.frontends[fe] = cur = []
+            for i, v in zip(numbers, values, strict=True):
+                if i:
+                    v = _as_slot(v)
+                else:
+                    self._mark(SVC_NAMES, v.svc_id)
+                    self._mark(REV_NAT, v.rev_nat_id)
+                if i >= len(cur):
+                    cur.extend([None] * (i + 1 - len(cur)))
+                old, cur[i] = cur[i], v
+                n += old is None
+                if ix is not None:
+                    ix.slot(fe, i, old, v)
+        if self._n_services is not None:
+            self._n_services += n
 
     def apply_all(self, ops: Sequence[Op], runs: Sequence[Run] | None = None) -> None:
         """`apply` each of `ops` (whose maximal runs are `runs`, if known)."""
@@ -311,6 +325,7 @@ class MapView:
                 ix.rid_fes,
             )
             top_sid, top_rid = self.high_water.get(SVC_NAMES, 0), self.high_water.get(REV_NAT, 0)
+            added = 0
             for op in ops:
                 fe, numbers = op[1]
                 values = op[2]
@@ -320,6 +335,7 @@ class MapView:
                 # a new frontend written whole: (*backend ids, head) in fill order
                 head = values[-1]
                 frontends[fe] = [head, *values[:-1]]
+                added += len(values)
                 refs.update(values[:-1])
                 sid, rid = head[1], head[2]
                 got = sid_fes.get(sid)
@@ -338,6 +354,8 @@ class MapView:
                     top_rid = rid
             self._mark(SVC_NAMES, top_sid)
             self._mark(REV_NAT, top_rid)
+            if self._n_services is not None:
+                self._n_services += added
         elif m == BACKENDS:
             backends, backend_ids = self.backends, ix.backend_ids
             insert = backends.setdefault
@@ -1278,15 +1296,20 @@ def plan(
     if view.config != config:
         out.add(CONFIG, False, [Op(CONFIG, 0, config)])
     have_b = view.backends
+    ids = list(want_backends)
+    if ids != sorted(ids):  # new ids come in order, adopted ones may not
+        want_backends = dict(sorted(want_backends.items()))
+    # an empty map (a first sync) is not asked 100k times what it holds
+    write_b = (
+        {bid: b for bid, b in want_backends.items() if have_b.get(bid) != b}
+        if have_b
+        else want_backends
+    )
+    # map + zip: the Ops of a first sync's 100k backends are built in C
     out.add(
         BACKENDS,
         False,
-        [
-            _new(Op, (BACKENDS, bid, b))
-            for bid, b in sorted(want_backends.items())
-            # an empty map (a first sync) is not asked 100k times what it holds
-            if not have_b or have_b.get(bid) != b
-        ],
+        list(map(_new, repeat(Op), zip(repeat(BACKENDS), write_b, write_b.values(), strict=False))),
     )
     out.add(
         REV_NAT,
@@ -1303,9 +1326,14 @@ def plan(
         SRC_RANGE, False, [Op(SRC_RANGE, r, True) for r in sorted(want_ranges - view.src_ranges)]
     )
     out.add(MAGLEV, False, [Op(MAGLEV, sid, t) for sid, t in sorted(maglev_writes.items())])
-    for writes, deletes in service_groups:
-        out.add(SERVICES, False, writes)
-        out.add(SERVICES, True, deletes)
+    writes = []  # one add per run, not per frontend (a first sync has 11k frontends)
+    for group, deletes in service_groups:
+        writes += group
+        if deletes:
+            out.add(SERVICES, False, writes)
+            out.add(SERVICES, True, deletes)
+            writes = []
+    out.add(SERVICES, False, writes)
     out.add(SERVICES, True, removed_groups)
     out.add(MAGLEV, True, [Op(MAGLEV, sid) for sid in del_maglev])
     out.add(SRC_RANGE, True, [Op(SRC_RANGE, r) for r in del_ranges])

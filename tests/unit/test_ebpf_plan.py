@@ -679,10 +679,18 @@ def test_incremental_plans_reach_what_a_full_plan_would(seq: list[ProxyState], a
     opts = PlanOptions(lb_algorithm=algo, maglev_table_size=M)
     cache = FrontendCache()
     view, previous = MapView(), None
+    # what the backend keeps: one view, indexed and counted, recording each plan by runs
+    live = MapView()
+    live.index()
+    live.counts()
     for s in seq:
         p = plan(s, view, opts, previous=previous, cache=cache)
         assert p.runs == runs_of(p.ops)  # recorded while assembling: the maximal runs
         view = apply_to_view(view, p.ops)
+        live.apply_all(p.ops, p.runs)
+        assert live == view and live.counts() == view.counts()
+        assert live.index().backend_refs == view.index().backend_refs
+        assert live.index().sid_fes == view.index().sid_fes
         previous = s
         # nothing left for a full comparison to do: the incremental plan was complete
         assert plan(s, view, opts).ops == ()
