@@ -279,11 +279,15 @@ class EbpfBackend:
             touched = None if reread else self._touched_rev_nat_ids(view, p.ops)
             t = time.monotonic()
             try:
-                timings["syscalls"] = self.datapath.apply_ops(p.ops, view, p.op_runs())
+                # a plan from nothing brings the view it leaves: nothing to record
+                record = view if p.expected is None else None
+                timings["syscalls"] = self.datapath.apply_ops(p.ops, record, p.op_runs())
             except Exception:
                 self._view = None  # the kernel is somewhere between two states
                 self._synced = None
                 raise
+            if p.expected is not None:
+                self._view = view = p.expected
             timings["write_ms"] = _ms_since(t)
             self._synced = state
             pause.freeze = reread or len(p.ops) >= FREEZE_AFTER_OPS

@@ -217,6 +217,30 @@ class MapView:
             SVC_NAMES: len(self.svc_names),
         }
 
+    def fill_index(self, backend_ids: dict[tuple[str, int], int]) -> None:
+        """Index and count a view a plan built whole (Plan.expected) in bulk: every slot
+        a backend id, every frontend with its head, one id per backend address
+        (`backend_ids`)."""
+        ix = self._ix = _Index()
+        ix.backend_ids = {addr: [bid] for addr, bid in backend_ids.items()}
+        slots = self.frontends.values()
+        ix.backend_refs = Counter(itertools.chain.from_iterable(map(_TAIL, slots)))
+        for fe, fe_slots in self.frontends.items():
+            ix.slot(fe, 0, None, fe_slots[0])
+        for sid, name in self.svc_names.items():
+            ix.svc_name(sid, None, name)
+        for k in self.aff_match:
+            ix.aff(k, True)
+        for r in self.src_ranges:
+            ix.src_range(r, True)
+        self._n_services = sum(map(len, slots))
+        for space, ids in (
+            (BACKENDS, self.backends),
+            (REV_NAT, self.rev_nat),
+            (SVC_NAMES, (*self.svc_names, *self.maglev)),
+        ):
+            self._mark(space, max(ids, default=0))
+
     def _service_entries(self) -> int:
         if self._n_services is None:
             self._n_services = sum(len(s) - s.count(None) for s in self.frontends.values())
@@ -612,6 +636,9 @@ class Plan:
     runs: tuple[Run, ...] | None = None
     # counts() as recorded while assembling; None: counted when asked
     entries: dict[str, int] | None = None
+    # the view once `ops` are applied, indexed and counted, for a plan from nothing (a
+    # first sync); None: record the ops into the view instead
+    expected: MapView | None = None
 
     def op_runs(self) -> tuple[Run, ...]:
         return self.runs if self.runs is not None else runs_of(self.ops)
@@ -1182,6 +1209,10 @@ def plan(
 
     # --- services: slot 0 + slots, diffed per frontend ----------------------------------
     service_groups: list[tuple[list[Op], list[Op]]] = []  # (writes, deletions) per frontend
+    # A plan from nothing (a first sync) also returns the view it leaves: recording a
+    # quarter of a million writes one run at a time costs more than building it whole.
+    from_nothing = not incremental and not view.frontends
+    fresh: dict[Frontend, Slots] = {}
     changed_ports: set[str] = set()
     want_ranges: set[SourceRange] = set()
     # INT entries before the EXT entries that announce them
@@ -1205,6 +1236,8 @@ def plan(
             entry = _new(ServiceValue, (0, sid, rid, aff, len(bids), want.flags))
             writes = [_new(Op, (SERVICES, (fe, fill_slots(len(bids))), (*bids, entry)))]
             service_groups.append((writes, []))
+            if from_nothing:
+                fresh[fe] = [entry, *bids]
             changed_ports.add(_port_of(want.view_key))
             continue
         head = cur[0]
@@ -1341,6 +1374,20 @@ def plan(
     out.add(SVC_NAMES, True, [Op(SVC_NAMES, sid) for sid in del_names])
     out.add(REV_NAT, True, [Op(REV_NAT, rid) for rid in del_rev])
     out.add(BACKENDS, True, [Op(BACKENDS, bid) for bid in del_backends])
+    expected = None
+    if from_nothing:
+        expected = MapView(
+            fresh,
+            want_backends,
+            want_rev,
+            want_maglev,
+            want_aff,
+            want_ranges,
+            want_names,
+            config,
+            dict(view.high_water),
+        )
+        expected.fill_index(new_bids)
     return Plan(
         ops=tuple(out.ops),
         changed_service_ports=len(changed_ports),
@@ -1350,6 +1397,7 @@ def plan(
         - len(del_backends),
         runs=tuple(out.runs),
         entries=out.entries,
+        expected=expected,
     )
 
 
@@ -1358,6 +1406,7 @@ def _head(slots: Slots | None) -> ServiceValue | None:
 
 
 _KEY_VALUE = operator.itemgetter(1, 2)  # an Op's (key, value)
+_TAIL = operator.itemgetter(slice(1, None))  # a Slots list's backend slots
 _ZEROS = (0, 0, 0, 0, 0)
 _new = tuple.__new__
 

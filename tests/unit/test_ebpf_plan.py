@@ -686,16 +686,62 @@ def test_incremental_plans_reach_what_a_full_plan_would(seq: list[ProxyState], a
     for s in seq:
         p = plan(s, view, opts, previous=previous, cache=cache)
         assert p.runs == runs_of(p.ops)  # recorded while assembling: the maximal runs
+        before = view
         view = apply_to_view(view, p.ops)
         live.apply_all(p.ops, p.runs)
         assert live == view and live.counts() == view.counts()
         assert live.index().backend_refs == view.index().backend_refs
         assert live.index().sid_fes == view.index().sid_fes
+        if previous is None:  # a plan from nothing: it brings the view it leaves
+            full = plan(s, before, opts, cache=FrontendCache())
+            assert full.expected is not None and full.ops == p.ops
+            _assert_same_view(full.expected, view)
         previous = s
         # nothing left for a full comparison to do: the incremental plan was complete
         assert plan(s, view, opts).ops == ()
     # and an unchanged state plans nothing at all
     assert plan(seq[-1], view, opts, previous=seq[-1], cache=cache).ops == ()
+
+
+def _assert_same_view(got: MapView, want: MapView) -> None:
+    """Equal maps, indexes, counts and id high-water marks."""
+    assert got == want and got.counts() == want.counts()
+    assert got.high_water == want.high_water
+    a, b = got.index(), want.index()
+    for name in a.__slots__:
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def test_a_plan_from_nothing_brings_the_view_it_leaves() -> None:
+    s = state(
+        sport(endpoints=EPS, node_port=30080, external_policy_local=True),
+        sport("b", cluster_ip="10.96.0.11", endpoints=EPS[1:], session_affinity_timeout=9),
+        sport(
+            "lb",
+            cluster_ip="10.96.0.12",
+            load_balancer_ips=("203.0.113.20",),
+            load_balancer_source_ranges=("192.168.200.0/24",),
+            endpoints=EPS,
+        ),
+    )
+    opts = PlanOptions(lb_algorithm="maglev", maglev_table_size=M)
+    p = plan(s, MapView(), opts)
+    assert p.expected is not None
+    _assert_same_view(p.expected, apply_to_view(MapView(), p.ops))
+    # also over leftovers of another run that held no frontend: they go, and are not in it
+    stale = apply_to_view(
+        MapView(),
+        [
+            Op(BACKENDS, 77, Backend("10.9.9.9", 1, 4)),  # unwanted
+            Op(BACKENDS, 78, Backend("10.244.2.11", 8080, 4)),  # adopted by address
+        ],
+    )
+    q = plan(s, stale, opts)
+    assert q.expected is not None and Op(BACKENDS, 77) in q.ops
+    assert q.expected.backends[78] == Backend("10.244.2.11", 8080, 4)
+    _assert_same_view(q.expected, apply_to_view(stale, q.ops))
+    # a plan over frontends that exist records its writes instead
+    assert plan(s, p.expected, opts).expected is None
 
 
 def test_runs_are_maximal_and_counted_per_map() -> None:
