@@ -227,12 +227,7 @@ class MapView:
         ix.backend_refs = Counter(itertools.chain.from_iterable(map(_TAIL, slots)))
         for fe, fe_slots in self.frontends.items():
             ix.slot(fe, 0, None, fe_slots[0])
-        for sid, name in self.svc_names.items():
-            ix.svc_name(sid, None, name)
-        for k in self.aff_match:
-            ix.aff(k, True)
-        for r in self.src_ranges:
-            ix.src_range(r, True)
+        ix.add_members(self)
         self._n_services = sum(map(len, slots))
         for space, ids in (
             (BACKENDS, self.backends),
@@ -443,12 +438,7 @@ class _Index:
             refs.update(b for b in map(slot_backend, slots[1:]) if b is not None)
         for bid, b in view.backends.items():
             ix.backend(bid, None, b)
-        for sid, name in view.svc_names.items():
-            ix.svc_name(sid, None, name)
-        for k in view.aff_match:
-            ix.aff(k, True)
-        for r in view.src_ranges:
-            ix.src_range(r, True)
+        ix.add_members(view)
         # ids are never handed out below what the maps hold (see _Ids)
         hw = view.high_water
         spaces = (
@@ -461,6 +451,15 @@ class _Index:
             if top > hw.get(space, 0):
                 hw[space] = top
         return ix
+
+    def add_members(self, view: MapView) -> None:
+        """Index the view's svc names, affinity members and source ranges."""
+        for sid, name in view.svc_names.items():
+            self.svc_name(sid, None, name)
+        for k in view.aff_match:
+            self.aff(k, True)
+        for r in view.src_ranges:
+            self.src_range(r, True)
 
     def slot(self, fe: Frontend, i: int, old: Any, new: Any) -> None:
         """Slot `i` of `fe` went from `old` to `new` (Slots elements; None: absent)."""
