@@ -463,6 +463,12 @@ class Desired:
         self._ipvs_ips = frozenset(set_name(SetBase.IPVS_IPS, f) for f in IPFamily)
         self._claims: dict[VSKey, dict[str, _Frontend]] = {}
         self._refs: dict[tuple[str, Member], dict[str, list]] = {}  # owner → [ext, count]
+        # Each entry's first owner in port order, whose extension the entry gets. Kept, not
+        # recomputed as each owner comes: a hairpin entry of an endpoint behind every
+        # service has thousands of owners, and taking the minimum over all of them for
+        # each new one made a from-scratch plan (a restarted daemon's first sync)
+        # quadratic: ~2 s of it at 2,000 services under the test VM's emulation.
+        self._winner: dict[tuple[str, Member], str] = {}
         self._order: dict[str, tuple] = {}
         self._contributions: dict[str, _Contribution] = {}
         self._contested: set[VSKey] = set()  # virtual servers with several claimants
@@ -580,6 +586,7 @@ class Desired:
         owners = self._refs.get(k)
         if owners is None:
             self._refs[k] = {owner: [ext, 1]}
+            self._winner[k] = owner
             self.sets[name][m] = ext
             return
         held = owners.get(owner)
@@ -587,7 +594,10 @@ class Desired:
             held[1] += 1  # the owner's first extension stays
             return
         owners[owner] = [ext, 1]
-        self.sets[name][m] = owners[self._first(owners)][0]
+        # On a tie the earlier owner stays first, as min() over the owners would keep it.
+        if self._order[owner] < self._order[self._winner[k]]:
+            self._winner[k] = owner
+            self.sets[name][m] = ext
 
     def _unref(self, owner: str, e: _Entry) -> None:
         name, m, _ = e
@@ -600,11 +610,13 @@ class Desired:
         if held[1]:
             return
         del owners[owner]
-        if owners:
-            self.sets[name][m] = owners[self._first(owners)][0]
-        else:
+        if not owners:
             del self._refs[k]
+            del self._winner[k]
             del self.sets[name][m]
+        elif self._winner[k] == owner:
+            nxt = self._winner[k] = self._first(owners)
+            self.sets[name][m] = owners[nxt][0]
 
 
 def _address_entry(ip: str) -> _Entry:

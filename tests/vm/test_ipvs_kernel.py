@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from backends.base import FrontendStatus
+from backends.ipvs.apply import Kernel, parse_proc_ip_vs
 from backends.ipvs.backend import IpvsBackend
 from lbd.model.state import Endpoint, IPFamily, Protocol, ProxyState, ServicePort, ServicePortName
 from lbd.testing import netns
@@ -211,6 +212,26 @@ def test_partial_syncs_drain_tcp_and_drop_udp_real_servers(ns):
     assert "UDP 10.96.0.53:53" in got
     assert "10.96.0.10" not in run(ns, "ip", "-o", "addr", "show", "dev", "lbd-ipvs0")
     assert "10.96.0.10" not in run(ns, "ipset", "list", "LBD-CLUSTER-IP")
+
+
+def test_real_servers_read_from_proc_match_netlink_dumps(ns):
+    """A full sync reads real servers from /proc/net/ip_vs (one read for all virtual
+    servers) instead of one netlink dump each: both must say the same, draining weights
+    and IPv6 included; firewall-mark virtual servers are left to netlink."""
+    backend = IpvsBackend(netns=ns)
+    backend.sync(state(*BASE), full=True)
+    backend.sync(state(web(A), *BASE[1:]), full=False)  # B drains: weight 0
+    with Kernel(ns) as kernel:
+        view = kernel.read_view()
+        listed = parse_proc_ip_vs(run(ns, "cat", "/proc/net/ip_vs"))
+        assert set(listed) == {k for k in view.services if not k.fwmark}
+        assert any(k.fwmark for k in view.services)
+        # Few keys: one netlink dump each (PROC_READ_AFTER), the reference here.
+        dumped = kernel.read_dests(view.services)
+    assert {k: sv.dests for k, sv in view.services.items()} == dumped
+    assert {k: dumped[k] for k in listed} == listed
+    drained = {rs.weight for k, d in listed.items() if k.addr == "10.96.0.10" for rs in d.values()}
+    assert drained == {0, 1}
 
 
 def test_a_flush_by_an_admin_is_noticed_and_repaired(ns):
