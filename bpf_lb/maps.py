@@ -602,29 +602,32 @@ def pack_svc_slot_values(values: Iterable[Any]) -> bytes:
     return b"".join([slot(v) if v.__class__ is int else whole(*v) for v in values])
 
 
+def pack_svc_keys(keys: Iterable[tuple[Frontend, Sequence[int]]]) -> bytes:
+    """Service map keys back to back: per frontend, the keys of its slot numbers."""
+    return b"".join([pack_svc_slot_keys(fe, slots) for fe, slots in keys])
+
+
 def pack_svc_entries(
     keys: Iterable[tuple[Frontend, Sequence[int]]], values: Iterable[Sequence[Any]]
 ) -> tuple[bytes, bytes]:
     """Packed keys and values of service map writes: per frontend, its slot numbers and
     their values in the same order (see pack_svc_slot_values)."""
-    ks = b"".join([pack_svc_slot_keys(fe, slots) for fe, slots in keys])
-    vs = pack_svc_slot_values(itertools.chain.from_iterable(values))
-    return ks, vs
+    return pack_svc_keys(keys), pack_svc_slot_values(itertools.chain.from_iterable(values))
 
 
 def pack_frontends(frontends: Mapping[Frontend, Sequence[Any]]) -> tuple[bytes, bytes]:
     """Every entry of frontends held per slot (index = slot, None = no entry), packed
     as pack_svc_entries packs them."""
-    keys: list[bytes] = []
+    keys: list[tuple[Frontend, Sequence[int]]] = []
     values: list[Sequence[Any]] = []
     for fe, slots in frontends.items():
         if None in slots:
-            keys.append(pack_svc_slot_keys(fe, [i for i, v in enumerate(slots) if v is not None]))
+            keys.append((fe, [i for i, v in enumerate(slots) if v is not None]))
             values.append([v for v in slots if v is not None])
         else:
-            keys.append(pack_svc_slot_keys(fe, range(len(slots))))
+            keys.append((fe, range(len(slots))))
             values.append(slots)
-    return b"".join(keys), pack_svc_slot_values(itertools.chain.from_iterable(values))
+    return pack_svc_entries(keys, values)
 
 
 def pack_u32s(values: Iterable[int]) -> bytes:

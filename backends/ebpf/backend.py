@@ -37,7 +37,6 @@ from backends.ebpf.plan import (
     PlanOptions,
     check_capacity,
     plan,
-    slot_backend,
 )
 from bpf_lb import bpfsys
 from bpf_lb.maglev import DEFAULT_TABLE_SIZE
@@ -417,12 +416,8 @@ class EbpfBackend:
                 continue
             name = view.svc_names.get(head.svc_id, f"svc-{head.svc_id}")
             service = name.split("#", 1)[0].rsplit("/", 2)[0]
-            endpoints = []
-            for bid in map(slot_backend, slots[1 : head.count + 1]):
-                b = view.backends.get(bid) if bid is not None else None
-                if b is not None:
-                    endpoints.append(str(b))
-            out.append(FrontendStatus(service, _kind(head.flags), str(fe), tuple(endpoints)))
+            endpoints = tuple(map(str, view.live_backends(fe)))
+            out.append(FrontendStatus(service, _kind(head.flags), str(fe), endpoints))
         return out
 
     # --- cleanup ----------------------------------------------------------------------------

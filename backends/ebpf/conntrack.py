@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from backends.ebpf.plan import MapView, slot_backend
+from backends.ebpf.plan import MapView
 from bpf_lb.maps import (
     CT_CLOSING,
     CT_FORWARD,
@@ -96,15 +96,7 @@ def frontend_backends(view: MapView) -> dict[int, set[tuple[str, int]]]:
 
 def _rid_backends(view: MapView, rid: int) -> set[tuple[str, int]]:
     ix = view.index()
-    found: set[tuple[str, int]] = set()
-    for fe in ix.rid_fes.get(rid, ()):
-        slots = view.frontends.get(fe) or [None]
-        head = slots[0]
-        for bid in map(slot_backend, slots[1 : (head.count if head else 0) + 1]):
-            b = view.backends.get(bid) if bid is not None else None
-            if b is not None:
-                found.add((b.addr, b.port))
-    return found
+    return {(b.addr, b.port) for fe in ix.rid_fes.get(rid, ()) for b in view.live_backends(fe)}
 
 
 def stale_udp(entries: Mapping[CtTuple, CtEntry], view: MapView) -> list[CtTuple]:

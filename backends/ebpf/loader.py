@@ -19,6 +19,7 @@ import contextlib
 import ctypes as ct
 import errno
 import fnmatch
+import itertools
 import os
 import re
 import shutil
@@ -725,11 +726,8 @@ class Datapath:
     def _packed_run(self, name: str, delete: bool, run: Sequence[Op]) -> Callable[[], int]:
         """`run` packed, and the syscall(s) that write it (returning how many were made)."""
         ks, vs = self._sizes(name)
-        values = b""
         if name == SERVICES:
-            keys, values = maps.pack_svc_entries(
-                [op[1] for op in run], [() if delete else op[2] for op in run]
-            )
+            keys = maps.pack_svc_keys([op[1] for op in run])
         elif name == AFF_MATCH:
             keys = maps.pack_aff_match_keys([op[1] for op in run])
         else:  # u32 ids
@@ -742,9 +740,11 @@ class Datapath:
                 return 1
 
             return delete_all
-        if name == BACKENDS:
+        if name == SERVICES:
+            values = maps.pack_svc_slot_values(itertools.chain.from_iterable([op[2] for op in run]))
+        elif name == BACKENDS:
             values = maps.pack_backends([op[2] for op in run])
-        elif name != SERVICES:
+        else:
             values = b"".join([self._pack_value(name, op.value) for op in run])
         limit = self._max_entries(maps.MAP_SPECS[name])
 

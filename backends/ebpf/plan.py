@@ -182,6 +182,15 @@ class MapView:
             if v is not None
         }
 
+    def live_backends(self, fe: Frontend) -> list[Backend]:
+        """The backends in the slots `fe`'s head exposes (1..count), in slot order."""
+        slots = self.frontends.get(fe)
+        head = slots[0] if slots else None
+        if head is None:
+            return []
+        found = (self.backends.get(b) for b in map(slot_backend, slots[1 : head.count + 1]))
+        return [b for b in found if b is not None]
+
     def copy(self) -> MapView:
         return MapView(
             {fe: list(slots) for fe, slots in self.frontends.items()},
