@@ -719,7 +719,7 @@ class _Ids:
 
 @functools.lru_cache(maxsize=1 << 18)
 def _canonical(ip: str, family: int) -> str | None:
-    # cached: every sync sees the same addresses again (10k services: ~1 s saved)
+    # cached: every sync sees the same frontend addresses again (11k at 10k services)
     if family == FAMILY_V4 and ":" not in ip:
         # inet_pton is as strict as ipaddress for IPv4 (dotted quad, no leading zeros)
         # and ten times faster, which the first sync of 100k endpoints notices
@@ -989,20 +989,22 @@ def _config(state: ProxyState, options: PlanOptions) -> Config:
 def _backends_of(
     endpoints: tuple[Endpoint, ...], family: int
 ) -> tuple[tuple[tuple[str, int], Backend], ...]:
-    # _backend inlined: this runs for every endpoint of the state on a first sync
-    if not endpoints:
-        return ()
-    seen: dict[tuple[str, int], Backend] = {}
-    canonical, new = _canonical, _new
-    for ep in endpoints:
-        addr = canonical(ep.ip, family)
-        port = ep.port
-        if addr is None or not 0 < port < 65536:
-            continue
-        key = (addr, port)
-        if key not in seen:
-            seen[key] = new(Backend, (addr, port, family, BACKEND_LOCAL if ep.is_local else 0))
-    return tuple(sorted(seen.items()))  # keys are unique: never compares two Backends
+    """Each endpoint's (ip, port) and Backend, in the endpoints' order.
+
+    The endpoints are taken as the model hands them (ServicePort's contract: valid,
+    canonical addresses of the port's family, one per ip:port, sorted by it), with no
+    parsing, de-duplicating or sorting again: this runs for every endpoint of the state
+    on a first sync (100k at 10k services), so it builds each pair and nothing else."""
+    new = _new
+    return tuple(
+        [
+            (
+                (ep.ip, ep.port),
+                new(Backend, (ep.ip, ep.port, family, BACKEND_LOCAL if ep.is_local else 0)),
+            )
+            for ep in endpoints
+        ]
+    )
 
 
 def _changed_keys(previous: ProxyState, state: ProxyState) -> list[object]:

@@ -80,6 +80,8 @@ class ServicePort:
     internal_policy_local: bool = False  # internalTrafficPolicy: Local
     health_check_node_port: int = 0
     # Endpoints chosen by lbd.model.endpoints (topology + terminating fallback applied).
+    # All three tuples hold valid, canonical addresses of `family` (lbd.model.parse),
+    # one endpoint per ip:port, sorted (merge_endpoints): backends build on this as is.
     cluster_endpoints: tuple[Endpoint, ...] = ()
     local_endpoints: tuple[Endpoint, ...] = ()
     # Every endpoint of this port in the slices, eligible or not (for conntrack hygiene).

@@ -275,8 +275,9 @@ def test_dual_stack_and_udp() -> None:
     assert view.backends[_slot_values(view, fe("fd00:96::10"))[0].backend_id].family == 6
 
 
-def test_invalid_addresses_are_skipped() -> None:
-    bad = sport(cluster_ip="not-an-ip", endpoints=(ep("10.244.1.11"), ep("fd00::1"), ep("x")))
+def test_invalid_frontend_addresses_are_skipped() -> None:
+    # (endpoint addresses come checked by the model: test_model_fuzz asserts it)
+    bad = sport(cluster_ip="not-an-ip", endpoints=(ep("10.244.1.11"),))
     s = state(bad, sport("b", cluster_ip="10.96.0.11", external_ips=("fd00::9",), endpoints=EPS))
     _, view = applied(s)
     assert {f.addr for f, _ in view.services} == {"10.96.0.11"}

@@ -240,6 +240,22 @@ def test_duplicate_endpoint_in_two_slices_counts_once_and_ready_copy_wins():
     assert len(sp.all_endpoints) == 1 and sp.cluster_endpoints[0].ready
 
 
+def test_endpoints_reach_the_backends_canonical_unique_and_sorted():
+    """The backends build on these endpoints without parsing them again."""
+    service = svc(clusterIPs=["fd00:96::10"])
+    a = eps(endpoints=[ep("fd00:244:0:0::b"), ep("fd00:244::a")], name="web-a", family="IPv6")
+    b = eps(endpoints=[ep("FD00:244::B"), ep("fd00:244::9")], name="web-b", family="IPv6")
+    # a slice with an address out of its family, or none at all, serves nothing
+    c = eps(endpoints=[ep("10.244.1.10")], name="web-c", family="IPv6")
+    d = eps(endpoints=[ep("fd00:244::x")], name="web-d", family="IPv6")
+    state, rejected = build([service], [a, b, c, d])
+    assert sorted(r.ref for r in rejected) == ["default/web-c", "default/web-d"], rejected
+    sp = only(state)
+    expected = ["fd00:244::9", "fd00:244::a", "fd00:244::b"]
+    assert [e.ip for e in sp.cluster_endpoints] == expected
+    assert [e.ip for e in sp.all_endpoints] == expected
+
+
 def test_local_endpoints_and_traffic_policies():
     sl = eps(endpoints=[ep("10.244.1.10", "node-1"), ep("10.244.2.10", "node-2")])
     service = svc(

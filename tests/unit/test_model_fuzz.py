@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import socket
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lbd.model.build import ModelConfig, NodeInfo, build_state
+from lbd.model.state import IPFamily, ProxyState
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
 
 NODE = NodeInfo("node-1")
@@ -97,3 +99,17 @@ def test_malformed_objects_never_crash_the_build_nor_touch_valid_services(data):
     assert good == dict(EXPECTED.service_ports)
     for r in rejected:
         assert r.reason and "\n" not in r.ref and "\x00" not in r.ref
+    assert_endpoint_contract(state)
+
+
+def assert_endpoint_contract(state: ProxyState) -> None:
+    """What the backends build on without checking again (ServicePort's endpoints):
+    canonical addresses of the port's family, valid ports, one per ip:port, sorted."""
+    for sp in state.service_ports.values():
+        af = socket.AF_INET6 if sp.family == IPFamily.V6 else socket.AF_INET
+        for endpoints in (sp.cluster_endpoints, sp.local_endpoints, sp.all_endpoints):
+            keys = [(ep.ip, ep.port) for ep in endpoints]
+            assert keys == sorted(set(keys)), sp
+            for ep in endpoints:
+                assert socket.inet_ntop(af, socket.inet_pton(af, ep.ip)) == ep.ip, ep
+                assert 0 < ep.port < 65536, ep
