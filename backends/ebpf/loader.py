@@ -671,9 +671,23 @@ class Datapath:
         the previous one in `view` (ctypes releases the GIL for the syscall, in which
         the kernel copies and allocates every entry: ~0.2 s of a full sync at 10k). A
         chunk is recorded only once its syscall succeeded, so a failure leaves `view` as
-        the serial path does."""
+        the serial path does.
+
+        Each chunk is handed over only once the worker is inside its syscall: packing
+        holds the GIL for the whole chunk (one C call), so a worker still waiting for
+        the GIL to reach the syscall would start only after the next chunk is packed,
+        and the two would take turns instead of overlapping (measured: the kernel sat
+        idle between chunks for as long as the packing took, ~0.1 s at 10k)."""
         calls = 0
         sent: tuple[Future[int], str, bool, Sequence[Op]] | None = None
+        in_syscall = threading.Event()
+
+        def announced(send: Callable[[], int]) -> Callable[[], int]:
+            def run() -> int:
+                in_syscall.set()  # the GIL goes to the caller when the syscall drops it
+                return send()
+
+            return run
 
         def finish() -> None:
             nonlocal calls, sent
@@ -700,7 +714,9 @@ class Datapath:
                         waiting, sent = sent, None
                         if waiting is not None:
                             calls += waiting[0].result()  # raises: not recorded
-                        sent = (pool.submit(send), name, delete, run)
+                        in_syscall.clear()
+                        sent = (pool.submit(announced(send)), name, delete, run)
+                        in_syscall.wait()
                         if waiting is not None and view is not None:
                             view.apply_run(*waiting[1:])  # while `sent` is sent
             except BaseException:
