@@ -20,6 +20,7 @@ import ctypes as ct
 import errno
 import fnmatch
 import itertools
+import operator
 import os
 import re
 import shutil
@@ -81,6 +82,13 @@ TC_EGRESS_PARENT = "ffff:fff3"
 PIPELINE_MIN_OPS = 8192
 PIPELINE_CHUNK = bpfsys.BATCH_ENTRIES
 _ONE_BY_ONE = (SRC_RANGE, CONFIG)  # written entry by entry through BCC's tables
+
+# Value packers that need nothing but the value (maglev tables need the table size).
+_PACKED_BY: dict[str, Callable[[Any], bytes]] = {
+    REV_NAT: maps.pack_rev_nat,
+    SVC_NAMES: maps.pack_svc_name,
+}
+_VALUE = operator.itemgetter(2)  # an Op's
 
 _MAP_TYPES = {"hash": 1, "array": 2, "lru_hash": 9, "lpm_trie": 11}
 _FLAGS_COMPARED = maps.BPF_F_NO_PREALLOC  # a pin created with other flags is recreated
@@ -760,6 +768,8 @@ class Datapath:
             values = maps.pack_svc_slot_values(itertools.chain.from_iterable([op[2] for op in run]))
         elif name == BACKENDS:
             values = maps.pack_backends([op[2] for op in run])
+        elif name in _PACKED_BY:  # one C-level pass, not a Python call per entry
+            values = b"".join(map(_PACKED_BY[name], map(_VALUE, run)))
         else:
             values = b"".join([self._pack_value(name, op.value) for op in run])
         limit = self._max_entries(maps.MAP_SPECS[name])
