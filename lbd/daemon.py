@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
-from backends.registry import create_backend, other_modes, retire_modes
+from backends.registry import create_backend, hand_over_modes, other_modes, retire_modes
 from lbd import log as lbd_log
 from lbd import metrics
 from lbd.config import ProxyConfig
@@ -41,7 +41,8 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 # On a switch away from ebpf, how long its programs stay after its frontends are gone:
 # flows it balanced (a NodePort client's, say) keep their NAT in its own conntrack and
 # finish; longer-lived ones are cut when it ends. Without it they were reset when tc
-# detached under them (seen in tests/e2e/test_mode_switch.py).
+# detached under them (seen in tests/e2e/test_mode_switch.py). On a switch from iptables
+# to ebpf, how long iptables' nat chains stay, for the same reason (see retire_modes).
 MODE_SWITCH_DRAIN_SECONDS = 10.0
 
 
@@ -138,6 +139,21 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _hand_over(self) -> None:
+        """Before the first sync, prepare another mode's datapath for this one's arrival
+        (a mode switch away from ebpf: see EbpfBackend.hand_over)."""
+        try:
+            assert self._other_modes is not None  # set by run()
+            others = await self._other_modes
+            told = await asyncio.get_running_loop().run_in_executor(
+                None, hand_over_modes, others, self.cfg.mode
+            )
+        except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
+            log.error("mode.hand_over_failed", error=str(err)[:500])
+            return
+        if told:
+            log.info("mode.handing_over", to=self.cfg.mode, modes=told)
+
     async def _remove_other_modes(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -151,6 +167,7 @@ class Daemon:
                     others,
                     drain_seconds=MODE_SWITCH_DRAIN_SECONDS,
                     stop=self._stopping,
+                    new_mode=self.cfg.mode,
                 ),
             )
         except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
@@ -222,6 +239,7 @@ class Daemon:
         async def wait_synced() -> None:
             await asyncio.gather(*(r.synced.wait() for r in reflectors))
             log.info("caches.synced", services=len(self.services), slices=len(self.slices))
+            await self._hand_over()
             # The listed objects live as long as the daemon: move them out of the cyclic
             # GC's sight so later collections do not rescan ~10^6 objects each time.
             gc.collect()

@@ -4,6 +4,8 @@ running. The new mode takes over, the old mode's datapath disappears, nothing fa
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +18,9 @@ from backends.base import HostUnsupported
 from backends.registry import check_host
 from lbd.daemon import MODE_SWITCH_DRAIN_SECONDS
 from lbd.testing.env import LbdEnv
+from lbd.testing.netns import socket_in
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
-from lbd.testing.traffic import SteadyTraffic, tcp_request
+from lbd.testing.traffic import Reply, SteadyTraffic, tcp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel, pytest.mark.reliability]
 
@@ -114,7 +117,11 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
             assert "10.96.8.8:80" in lbd_status(env, mode), mode
             # The previous mode's datapath is gone once the new one serves.
             if mode == "ebpf":
-                _wait(lambda: iptables_rules(env, "node-1") == 0)
+                # iptables' nat chains stay for the flows it NATed (a drain)
+                _wait(
+                    lambda: iptables_rules(env, "node-1") == 0,
+                    timeout=MODE_SWITCH_DRAIN_SECONDS + 20,
+                )
                 assert pinned(env, "node-1")  # what the end of the walk waits to see go
             if previous != "iptables":
                 _wait(lambda prev=previous: "10.96.8.8" not in lbd_status(env, prev))
@@ -131,6 +138,7 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     # iptables drops conntrack-INVALID packets, and replies that eBPF's tc translated are
     # INVALID to the kernel's conntrack. The new mode retires the old one right after
     # its first sync, so that window is milliseconds; every other request succeeds.
+    print("\n" + describe_failures(pod, ext, switched_at))  # shown with -s
     failures: dict[str, int] = {}
     for traffic in (pod, ext):
         by_switch = failures_by_switch(traffic.failures, switched_at)
@@ -162,6 +170,25 @@ def failures_by_switch(failures: list, switched_at: list[tuple[float, str]]) -> 
     return out
 
 
+def describe_failures(
+    pod: SteadyTraffic, ext: SteadyTraffic, switched_at: list[tuple[float, str]]
+) -> str:
+    """Each failed request: its switch, when in it, and how it failed (for -s runs)."""
+    wall = time.time() - time.monotonic()  # log lines carry wall-clock times
+    lines = []
+    for who, traffic in (("pod", pod), ("ext", ext)):
+        for f in traffic.failures:
+            at, phase = max(((a, n) for a, n in switched_at if a <= f.at), default=(f.at, "before"))
+            stamp = (
+                time.strftime("%H:%M:%S", time.gmtime(f.at + wall)) + f"{(f.at + wall) % 1:.3f}"[1:]
+            )
+            lines.append(
+                f"  {who} {phase} +{f.at - at:.2f}s ({stamp}Z) {f.error}"
+                f" after {f.latency:.2f}s: {f.detail}"
+            )
+    return "\n".join(lines)
+
+
 def pinned(env: LbdEnv, node: str) -> list[Path]:
     """What node's eBPF datapath has pinned in its bpffs directory."""
     root = Path(env.ebpf_options(node)["bpffs"])
@@ -187,3 +214,64 @@ def _wait(check, timeout: float = 15.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.2)
+
+
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection: each `ask` is a new request on the same TCP
+    connection (the echo servers keep HTTP connections open)."""
+
+    def __init__(self, ns: str, ip: str, port: int) -> None:
+        self.sock = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(5.0)
+        self.sock.connect((ip, port))
+
+    def ask(self) -> str:
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("closed by the peer")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"Content-Length: (\d+)", head)
+        assert match, head
+        while len(body) < int(match.group(1)):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("closed by the peer")
+            body += chunk
+        return Reply.parse(body).pod
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_connections_opened_through_iptables_survive_the_switch_to_ebpf(
+    env: LbdEnv, tmp_path: Path
+):
+    """A connection iptables NATed, still open when tc takes over, keeps its backend: tc
+    leaves it to the kernel's conntrack rather than balancing its next segment anew
+    (which resets it unless the same backend comes out: 3 of 4 here)."""
+    node1 = env.node("node-1")
+    conns = [KeepAlive(env.cluster.pod("pod-1-1").netns, "10.96.8.8", 80) for _ in range(8)]
+    conns += [KeepAlive(env.cluster.external.netns, node1.ipv4, 30777) for _ in range(8)]
+    before = [c.ask() for c in conns]
+    env.stop_daemon("node-1")
+    env.start_daemon("node-1", argv=daemonset_argv(env, "ebpf", "node-1", tmp_path), wait=False)
+    env.wait_healthy("node-1", timeout=90)
+    env.wait_synced()
+    assert "10.96.8.8:80" in lbd_status(env, "ebpf")
+    after: list[str] = []
+    for c in conns:
+        try:
+            after.append(c.ask())
+        except OSError as err:
+            after.append(f"failed: {err!r}")
+    assert after == before
+    # new connections are tc's, and iptables leaves once its flows had their drain
+    assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
+    assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
+    _wait(lambda: iptables_rules(env, "node-1") == 0, timeout=MODE_SWITCH_DRAIN_SECONDS + 20)
+    for c in conns:
+        c.close()
