@@ -411,13 +411,16 @@ static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, _
 		 * than forward it, so it goes straight to its next hop. */
 		if (ingress && (flags & LBD_CT_FIB))
 			return lbd_fib_redirect(skb, p);
-		/* While another mode takes over, the stack may drop any translated reply: IPVS
-		 * binds the frontends to a local device (the reply's source becomes a martian
-		 * too), and iptables drops what its conntrack calls INVALID (it never saw the
-		 * flow's translated form). The flows this datapath balanced, which it drains,
-		 * would lose their replies. */
+		/* While another mode's state is in the kernel, the stack may break any
+		 * translated reply. Handing over (LBD_CFG_HANDOVER): IPVS binds the frontends
+		 * to a local device (the reply's source becomes a martian too), and iptables
+		 * drops what its conntrack calls INVALID (it never saw the flow's translated
+		 * form). Taking over (takeover_until_ns): while a nat table is in place,
+		 * conntrack picks the translated reply up as a flow of its own and nf_nat may
+		 * remap its source port (frontend:80 left as frontend:148, seen on 6.1). */
 		cfg = lbd_get_config();
-		if (ingress && cfg && (cfg->flags & LBD_CFG_HANDOVER))
+		if (ingress && cfg &&
+		    ((cfg->flags & LBD_CFG_HANDOVER) || now < cfg->takeover_until_ns))
 			return lbd_fib_redirect(skb, p);
 		return TC_ACT_OK;
 	}

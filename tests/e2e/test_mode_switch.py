@@ -138,7 +138,9 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
     # iptables drops conntrack-INVALID packets, and replies that eBPF's tc translated are
     # INVALID to the kernel's conntrack. The new mode retires the old one right after
     # its first sync, so that window is milliseconds; every other request succeeds.
-    print("\n" + describe_failures(pod, ext, switched_at))  # shown with -s
+    if pod.failures or ext.failures:  # shown with -s: which request, when, and why
+        print("\n" + describe_failures(pod, ext, switched_at))
+        print("node-1's lbd log:\n" + env.logs("node-1", tail=200))
     failures: dict[str, int] = {}
     for traffic in (pod, ext):
         by_switch = failures_by_switch(traffic.failures, switched_at)
