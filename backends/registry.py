@@ -126,18 +126,15 @@ def retire_modes(
     others: list[tuple[str, Backend]],
     drain_seconds: float = 0.0,
     stop: threading.Event | None = None,
-    new_mode: str = "",
 ) -> list[str]:
-    """Remove the datapaths of `others` (from `other_modes`) for `new_mode`; the modes
-    cleaned.
+    """Remove the datapaths of `others` (from `other_modes`); the modes cleaned.
 
     With `drain_seconds`, an eBPF datapath is drained before it goes: its frontends are
     withdrawn first (new flows reach this mode), and its programs stay that long for the
-    flows it balanced already, whose NAT lives in its own conntrack. iptables and IPVS
-    keep theirs in the kernel's, which outlives their rules, as long as the kernel's NAT
-    hooks stay registered: for the eBPF mode, which needs no nat table of its own,
-    iptables' nat chains stay for the drain too (see IptablesBackend.withdraw), while its
-    filter rules go at once. `stop` set ends the wait early (the daemon is exiting).
+    flows it balanced already, whose NAT lives in its own conntrack (iptables and IPVS
+    keep theirs in the kernel's, which outlives their rules as long as some nat table
+    keeps the kernel's NAT hooks registered). `stop` set ends the wait early (the daemon
+    is exiting).
     """
     draining = []
     rest = []
@@ -149,14 +146,6 @@ def retire_modes(
             withdrawn = backend.withdraw()
             if withdrawn:
                 log.info("mode.draining", mode=mode, frontends=withdrawn, seconds=drain_seconds)
-                draining.append((mode, backend))
-                continue
-        if drain_seconds > 0 and mode == "iptables" and new_mode == "ebpf":
-            from backends.iptables.backend import IptablesBackend  # built, so importable
-
-            assert isinstance(backend, IptablesBackend)
-            if backend.withdraw():
-                log.info("mode.draining", mode=mode, table="nat", seconds=drain_seconds)
                 draining.append((mode, backend))
                 continue
         rest.append((mode, backend))

@@ -41,8 +41,7 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 # On a switch away from ebpf, how long its programs stay after its frontends are gone:
 # flows it balanced (a NodePort client's, say) keep their NAT in its own conntrack and
 # finish; longer-lived ones are cut when it ends. Without it they were reset when tc
-# detached under them (seen in tests/e2e/test_mode_switch.py). On a switch from iptables
-# to ebpf, how long iptables' nat chains stay, for the same reason (see retire_modes).
+# detached under them (seen in tests/e2e/test_mode_switch.py).
 MODE_SWITCH_DRAIN_SECONDS = 10.0
 
 
@@ -167,7 +166,6 @@ class Daemon:
                     others,
                     drain_seconds=MODE_SWITCH_DRAIN_SECONDS,
                     stop=self._stopping,
-                    new_mode=self.cfg.mode,
                 ),
             )
         except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode

@@ -66,9 +66,10 @@ DEFAULT_CGROUP = "/run/lbd/cgroupv2"
 # How long a datapath that finds none of its maps pinned (a new node, or a switch from
 # iptables or ipvs) leaves mid-flow TCP segments without a conntrack entry to the kernel's
 # NAT (lb_config.takeover_until_ns): the connections the previous mode balanced keep
-# their backend instead of being reset. Long enough for an idle keep-alive connection
-# (HTTP servers close those after 1-5 minutes) to send again; a flow seen in it stays on
-# the kernel's NAT for its lifetime.
+# their backend instead of being reset; and replies tc translates skip the stack, whose
+# nat hooks the previous mode may still hold (see lbd_reply in bpf_lb/tc.c). Long enough
+# for an idle keep-alive connection (HTTP servers close those after 1-5 minutes) to send
+# again; a flow seen in it stays on the kernel's NAT for its lifetime.
 TAKEOVER_SECONDS = 600.0
 
 

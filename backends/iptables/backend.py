@@ -9,7 +9,7 @@ successful sync; reading the kernel back for status; and removing lbd's rules.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -240,7 +240,8 @@ class IptablesBackend:
         that conntrack calls INVALID. Every flow tc translates is INVALID to conntrack
         (it sees the backend's address one way and the frontend's the other), so from
         the moment tc balances until `withdraw`, it would drop each new flow's packets
-        (a request lost per switch, typically). True when a rule was removed."""
+        (a request lost per switch, typically), until the old mode is removed right
+        after that first sync. True when a rule was removed."""
         removed = False
         for tools in self._tools_in_use():
             try:
@@ -269,40 +270,18 @@ class IptablesBackend:
                     continue  # never used here; reading would instantiate its tables
                 yield tools
 
-    def withdraw(self) -> bool:
-        """The first half of handing a node to the eBPF mode: remove lbd's chains from
-        every table but nat. Its filter rules would drop the replies eBPF's tc translates
-        (conntrack calls them INVALID); its nat chains catch no flow once tc balances every
-        new one, and keep the kernel's NAT hooks registered (where nothing else uses nat,
-        the last chain takes them along), so the connections iptables NATed before keep
-        their translation, which lives in the kernel's conntrack, until `cleanup` removes
-        the rest. True when some nat chains remain (something to drain)."""
-        return self._remove(_owned_by_lbd, keep_tables=("nat",))
-
     def cleanup(self, remove_kube_leftovers: bool = False) -> None:
         """Remove lbd's chains and jumps, in both families and both variants, and nothing
         else; with `remove_kube_leftovers`, kube-proxy's KUBE-* chains too (not kubelet's)."""
-        self._remove(_owned_by_lbd_or_kube_proxy if remove_kube_leftovers else _owned_by_lbd)
-
-    def _remove(self, owned: Callable[[str], bool], keep_tables: tuple[str, ...] = ()) -> bool:
-        """Remove the chains `owned` accepts outside `keep_tables`; whether any such chain
-        is left in `keep_tables`."""
+        owned = _owned_by_lbd_or_kube_proxy if remove_kube_leftovers else _owned_by_lbd
         errors = []
-        kept = False
         for tools in self._tools_in_use():
             try:
                 saved = tools.save()
             except IptablesError as e:
                 log.info("iptables.cleanup_skipped", tool=tools.binary(), error=str(e))
                 continue
-            tables = parse_save(saved)
-            kept = kept or any(
-                owned(chain)
-                for name in keep_tables
-                if name in tables
-                for chain in tables[name].chains
-            )
-            payload = removal_payload(saved, owned, keep_tables)
+            payload = removal_payload(saved, owned)
             if payload is None:
                 continue
             try:
@@ -313,7 +292,6 @@ class IptablesBackend:
         self._synced_state = None
         if errors:
             raise IptablesError("cleanup incomplete:\n" + "\n".join(errors))
-        return kept
 
 
 def _has_jump(rule_lines: list[str], jump: r.Jump) -> bool:

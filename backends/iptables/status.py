@@ -8,7 +8,7 @@ that removes a set of chains and every rule jumping to them (cleanup).
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.base import FrontendStatus
@@ -227,16 +227,11 @@ def frontends(nat_save: str, filter_save: str = "") -> list[FrontendStatus]:
     return sorted(found.values(), key=lambda f: (f.service, f.kind, f.frontend))
 
 
-def removal_payload(
-    saved: str, owned: Callable[[str], bool], keep_tables: Container[str] = ()
-) -> str | None:
+def removal_payload(saved: str, owned: Callable[[str], bool]) -> str | None:
     """An iptables-restore payload deleting every chain `owned` accepts, in every table of
-    `saved` but `keep_tables`, and each rule elsewhere that jumps to one of them. None:
-    nothing to remove."""
+    `saved`, and each rule elsewhere that jumps to one of them. None: nothing to remove."""
     out: list[str] = []
     for name, table in parse_save(saved).items():
-        if name in keep_tables:
-            continue
         doomed = [c for c, policy in table.chains.items() if policy == "-" and owned(c)]
         if not doomed:
             continue

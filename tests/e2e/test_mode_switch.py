@@ -117,11 +117,7 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
             assert "10.96.8.8:80" in lbd_status(env, mode), mode
             # The previous mode's datapath is gone once the new one serves.
             if mode == "ebpf":
-                # iptables' nat chains stay for the flows it NATed (a drain)
-                _wait(
-                    lambda: iptables_rules(env, "node-1") == 0,
-                    timeout=MODE_SWITCH_DRAIN_SECONDS + 20,
-                )
+                _wait(lambda: iptables_rules(env, "node-1") == 0)
                 assert pinned(env, "node-1")  # what the end of the walk waits to see go
             if previous != "iptables":
                 _wait(lambda prev=previous: "10.96.8.8" not in lbd_status(env, prev))
@@ -134,10 +130,12 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
             assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
             assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
             previous = mode
-    # A connection caught mid-handshake while both datapaths are in place can be lost:
-    # iptables drops conntrack-INVALID packets, and replies that eBPF's tc translated are
-    # INVALID to the kernel's conntrack. The new mode retires the old one right after
-    # its first sync, so that window is milliseconds; every other request succeeds.
+    # What cost requests at a handover, and what handles it now (the README, Reliability):
+    # connections iptables NATed reach tc mid-flow and go on to the kernel's NAT, whose
+    # nat chains stay for a drain; iptables' rule dropping conntrack-INVALID packets goes
+    # before tc balances; tc's translated replies bypass the stack while another mode's
+    # state is there (nf_nat remapped their source port, IPVS's local frontends made
+    # them martians); leaving ebpf, its programs stay for the flows it balanced.
     if pod.failures or ext.failures:  # shown with -s: which request, when, and why
         print("\n" + describe_failures(pod, ext, switched_at))
         print("node-1's lbd log:\n" + env.logs("node-1", tail=200))
@@ -151,11 +149,12 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
         for phase, n in by_switch.items():
             failures[phase] = failures.get(phase, 0) + n
     print(f"\nfailed requests per switch (both clients): {failures}")  # shown with -s
-    # Leaving ebpf, its frontends go first and its programs stay for the flows it
-    # balanced (a drain): without that, each client lost the request in flight when tc
-    # detached (two of two, in every walk).
-    away_from_ebpf = sum(n for phase, n in failures.items() if phase.startswith("ebpf->"))
-    assert away_from_ebpf <= 1, failures
+    # Left, so at most one per switch: at ebpf -> iptables, a request caught in the
+    # milliseconds between iptables' first sync, whose INVALID rule drops the packets tc
+    # forwards, and the withdrawal of ebpf's frontends (none seen yet); in the VM, one
+    # timeout in the ipvs -> iptables phase 8 s before the iptables daemon even started,
+    # with IPVS alone serving (1 of 4 walks, not explained).
+    assert all(n <= 1 for n in failures.values()), failures
     # ... and once the drain is over, nothing of ebpf is left.
     _wait(lambda: not pinned(env, "node-1"), timeout=MODE_SWITCH_DRAIN_SECONDS + 20)
 
@@ -256,6 +255,27 @@ def test_connections_opened_through_iptables_survive_the_switch_to_ebpf(
     leaves it to the kernel's conntrack rather than balancing its next segment anew
     (which resets it unless the same backend comes out: 3 of 4 here)."""
     node1 = env.node("node-1")
+    # The kernel applies a conntrack entry's NAT only while some nat table is in place:
+    # on a node, the CNI's or the container runtime's masquerade rule. Here nothing else
+    # uses nat, and lbd's own chains leave with iptables mode.
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            env.cluster.netns_of("node-1"),
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "198.51.100.0/24",
+            "-j",
+            "MASQUERADE",
+        ],
+        check=True,
+    )
     conns = [KeepAlive(env.cluster.pod("pod-1-1").netns, "10.96.8.8", 80) for _ in range(8)]
     conns += [KeepAlive(env.cluster.external.netns, node1.ipv4, 30777) for _ in range(8)]
     before = [c.ask() for c in conns]
@@ -271,9 +291,9 @@ def test_connections_opened_through_iptables_survive_the_switch_to_ebpf(
         except OSError as err:
             after.append(f"failed: {err!r}")
     assert after == before
-    # new connections are tc's, and iptables leaves once its flows had their drain
+    assert iptables_rules(env, "node-1") == 0  # iptables mode has left meanwhile
+    # new connections are tc's
     assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
     assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
-    _wait(lambda: iptables_rules(env, "node-1") == 0, timeout=MODE_SWITCH_DRAIN_SECONDS + 20)
     for c in conns:
         c.close()
