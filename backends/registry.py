@@ -102,6 +102,26 @@ def other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[tuple[str, B
     return out
 
 
+def hand_over_modes(others: list[tuple[str, Backend]], new_mode: str) -> list[str]:
+    """Before `new_mode`'s first sync: prepare the other modes' datapaths for it (see
+    EbpfBackend.hand_over and IptablesBackend.hand_over). The modes prepared."""
+    told = []
+    for mode, backend in others:
+        if mode == "iptables" and new_mode == "ebpf":
+            from backends.iptables.backend import IptablesBackend  # built, so importable
+
+            assert isinstance(backend, IptablesBackend)
+            if backend.hand_over():
+                told.append(mode)
+        if mode == "ebpf":
+            from backends.ebpf.backend import EbpfBackend  # built, so importable
+
+            assert isinstance(backend, EbpfBackend)
+            if backend.hand_over():
+                told.append(mode)
+    return told
+
+
 def retire_modes(
     others: list[tuple[str, Backend]],
     drain_seconds: float = 0.0,
@@ -112,8 +132,9 @@ def retire_modes(
     With `drain_seconds`, an eBPF datapath is drained before it goes: its frontends are
     withdrawn first (new flows reach this mode), and its programs stay that long for the
     flows it balanced already, whose NAT lives in its own conntrack (iptables and IPVS
-    keep theirs in the kernel's, which outlives their rules). `stop` set ends the wait
-    early (the daemon is exiting).
+    keep theirs in the kernel's, which outlives their rules as long as some nat table
+    keeps the kernel's NAT hooks registered). `stop` set ends the wait early (the daemon
+    is exiting).
     """
     draining = []
     rest = []

@@ -84,6 +84,11 @@
  * before routing (on a pod's veth) need a FIB lookup + redirect, as the stack does not
  * forward packets from its own addresses. */
 #define LBD_CT_FIB       (1 << 3)
+/* A flow another mode's NAT carries (its SYN predates this datapath: see
+ * lb_config.takeover_until_ns): its packets go to the stack untranslated, where the
+ * kernel's conntrack still holds the binding iptables made, for as long as it lasts. A
+ * forward entry only; replies never meet lbd's translation. */
+#define LBD_CT_PASS      (1 << 4)
 
 /* lb_ct_key.dir */
 #define LBD_CT_FORWARD 0 /* client -> frontend, as it arrives */
@@ -92,6 +97,9 @@
 /* lb_config.flags */
 #define LBD_CFG_MAGLEV      (1 << 0) /* select backends by Maglev hashing, not at random */
 #define LBD_CFG_HOSTNS_ONLY (1 << 1) /* socket LB only for the host's network namespace */
+/* Another mode is taking the node over (set by its daemon): replies translated on
+ * ingress go straight to their next hop (see lbd_reply). */
+#define LBD_CFG_HANDOVER    (1 << 2)
 
 struct lb_svc_key {
 	__be32 addr[4];
@@ -208,6 +216,13 @@ struct lb_config {
 	__u32 flags;          /* LBD_CFG_* */
 	__u16 snat_port_min;
 	__u16 snat_port_max;
+	/* Until then (bpf_ktime_get_ns()), this datapath is taking a node over from another
+	 * mode: a mid-flow TCP segment to a frontend, with no conntrack entry, belongs to a
+	 * connection the previous mode NATed, and is passed on (LBD_CT_PASS) rather than
+	 * balanced again (which resets it unless the same backend comes out). Afterwards such
+	 * a segment means lbd_ct lost the flow, and re-balancing is the better guess (Maglev
+	 * gives the same backend again, as in Cilium). */
+	__u64 takeover_until_ns;
 };
 
 /* The control plane's maps are sized for large clusters (max_entries is a flag) and

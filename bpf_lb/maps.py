@@ -57,11 +57,13 @@ BPF_F_NO_PREALLOC = 1 << 0
 CT_SNAT = 1 << 0
 CT_CLOSING = 1 << 1
 CT_SEEN_REPLY = 1 << 2
+CT_PASS = 1 << 4  # another mode's flow, left to the kernel's NAT (a mode switch)
 CT_FORWARD = 0
 CT_REPLY = 1
 
 CFG_MAGLEV = 1 << 0
 CFG_HOSTNS_ONLY = 1 << 1
+CFG_HANDOVER = 1 << 2  # another mode is taking the node over (its daemon sets it)
 
 # Longest "namespace/name:port/proto/vN#view" kept in lbd_svcnames (for status and for
 # re-adopting svc ids after a restart); Kubernetes names fit with room to spare.
@@ -203,6 +205,7 @@ class ConfigVal(ct.Structure):
         ("flags", ct.c_uint32),
         ("snat_port_min", ct.c_uint16),
         ("snat_port_max", ct.c_uint16),
+        ("takeover_until_ns", ct.c_uint64),
     ]
 
 
@@ -345,6 +348,7 @@ class Config:
     flags: int = 0
     snat_port_min: int = 0
     snat_port_max: int = 0
+    takeover_until_ns: int = 0  # CLOCK_MONOTONIC; 0: no mode switch in progress
 
 
 class SourceRange(NamedTuple):
@@ -398,13 +402,22 @@ def encode_config(c: Config) -> ConfigVal:
         c.flags,
         c.snat_port_min,
         c.snat_port_max,
+        c.takeover_until_ns,
     )
 
 
 def decode_config(v: ConfigVal) -> Config:
     a4 = decode_addr(v.node_addr4, FAMILY_V4) if any(v.node_addr4) else ""
     a6 = decode_addr(v.node_addr6, FAMILY_V6) if any(v.node_addr6) else ""
-    return Config(a4, a6, v.host_netns_cookie, v.flags, v.snat_port_min, v.snat_port_max)
+    return Config(
+        a4,
+        a6,
+        v.host_netns_cookie,
+        v.flags,
+        v.snat_port_min,
+        v.snat_port_max,
+        v.takeover_until_ns,
+    )
 
 
 def encode_src_range(r: SourceRange) -> SrcRangeKey:

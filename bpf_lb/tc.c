@@ -404,10 +404,23 @@ static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, _
 	if (lbd_set_addr(skb, p, 1, faddr) || lbd_set_port(skb, p, 1, fport))
 		return TC_ACT_SHOT;
 	if (!(flags & LBD_CT_SNAT)) {
+		struct lb_config *cfg;
+
 		/* A local backend's reply to a node-port client, seen on the pod's veth: with
 		 * the node's address as source the stack would drop it as a martian rather
 		 * than forward it, so it goes straight to its next hop. */
 		if (ingress && (flags & LBD_CT_FIB))
+			return lbd_fib_redirect(skb, p);
+		/* While another mode's state is in the kernel, the stack may break any
+		 * translated reply. Handing over (LBD_CFG_HANDOVER): IPVS binds the frontends
+		 * to a local device (the reply's source becomes a martian too), and iptables
+		 * drops what its conntrack calls INVALID (it never saw the flow's translated
+		 * form). Taking over (takeover_until_ns): while a nat table is in place,
+		 * conntrack picks the translated reply up as a flow of its own and nf_nat may
+		 * remap its source port (frontend:80 left as frontend:148, seen on 6.1). */
+		cfg = lbd_get_config();
+		if (ingress && cfg &&
+		    ((cfg->flags & LBD_CFG_HANDOVER) || now < cfg->takeover_until_ns))
 			return lbd_fib_redirect(skb, p);
 		return TC_ACT_OK;
 	}
@@ -430,7 +443,8 @@ static __always_inline int lbd_apply_forward(struct __sk_buff *skb, struct lbd_p
 }
 
 /* A later packet of a known flow. Returns -1 when the flow is not known (or is a new
- * connection reusing the tuple of a closing one, which gets a fresh backend). */
+ * connection reusing the tuple of a closing one, which gets a fresh backend). A flow
+ * another mode balanced (LBD_CT_PASS) goes on to the stack untranslated. */
 static __always_inline int lbd_forward(struct __sk_buff *skb, struct lbd_pkt *p, __u64 now)
 {
 	struct lb_ct_key k = {};
@@ -449,6 +463,8 @@ static __always_inline int lbd_forward(struct __sk_buff *skb, struct lbd_pkt *p,
 	}
 	lbd_ct_touch(v, p, now);
 	flags = v->flags;
+	if (flags & LBD_CT_PASS)
+		return TC_ACT_OK;
 	lbd_copy_addr(baddr, v->addr);
 	bport = v->port;
 	lbd_copy_addr(saddr, v->addr2);
@@ -684,6 +700,29 @@ static __always_inline int lbd_ct_create(struct lbd_pkt *p, struct lb_ct_val *fw
 	return -1;
 }
 
+/* While taking a node over from another mode, a TCP segment other than a SYN, to a
+ * frontend, with no conntrack entry is a connection that mode NATed before this datapath
+ * was attached: the kernel's conntrack holds its binding, so it is left to the stack for
+ * its lifetime (a pass entry, expired by the GC like any other). Returns -1 otherwise. */
+static __always_inline int lbd_takeover_pass(struct lbd_pkt *p, __u64 now)
+{
+	struct lb_config *cfg;
+	struct lb_ct_key k = {};
+	struct lb_ct_val v = {};
+
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & LBD_TCP_SYN))
+		return -1;
+	cfg = lbd_get_config();
+	if (!cfg || now >= cfg->takeover_until_ns)
+		return -1;
+	lbd_ct_key_of(&k, p, LBD_CT_FORWARD);
+	/* established: the GC gives it the established timeout, not the SYN one */
+	v.flags = LBD_CT_PASS | LBD_CT_SEEN_REPLY;
+	lbd_ct_touch(&v, p, now);
+	lbd_ct.update(&k, &v);
+	return TC_ACT_OK;
+}
+
 /* A new flow to a frontend (or not a frontend: TC_ACT_OK). */
 static __always_inline int lbd_balance(struct __sk_buff *skb, struct lbd_pkt *p, __u64 now,
 				       int internal)
@@ -709,6 +748,8 @@ static __always_inline int lbd_balance(struct __sk_buff *skb, struct lbd_pkt *p,
 		lbd_ct_claim_direct(p);
 		return TC_ACT_OK;
 	}
+	if (lbd_takeover_pass(p, now) >= 0)
+		return TC_ACT_OK;
 	flags = fe->flags;
 	rev_nat_id = fe->rev_nat_id;
 	if (flags & LBD_SVC_SRC_RANGE) {

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
-from backends.registry import create_backend, other_modes, retire_modes
+from backends.registry import create_backend, hand_over_modes, other_modes, retire_modes
 from lbd import log as lbd_log
 from lbd import metrics
 from lbd.config import ProxyConfig
@@ -138,6 +138,21 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _hand_over(self) -> None:
+        """Before the first sync, prepare another mode's datapath for this one's arrival
+        (a mode switch away from ebpf: see EbpfBackend.hand_over)."""
+        try:
+            assert self._other_modes is not None  # set by run()
+            others = await self._other_modes
+            told = await asyncio.get_running_loop().run_in_executor(
+                None, hand_over_modes, others, self.cfg.mode
+            )
+        except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
+            log.error("mode.hand_over_failed", error=str(err)[:500])
+            return
+        if told:
+            log.info("mode.handing_over", to=self.cfg.mode, modes=told)
+
     async def _remove_other_modes(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -222,6 +237,7 @@ class Daemon:
         async def wait_synced() -> None:
             await asyncio.gather(*(r.synced.wait() for r in reflectors))
             log.info("caches.synced", services=len(self.services), slices=len(self.slices))
+            await self._hand_over()
             # The listed objects live as long as the daemon: move them out of the cyclic
             # GC's sight so later collections do not rescan ~10^6 objects each time.
             gc.collect()

@@ -63,6 +63,14 @@ DEFAULT_BPFFS = "/sys/fs/bpf/lbd/default"
 # generation (see lbd.model.build.gc_paused); small ones leave them to the usual collections.
 FREEZE_AFTER_OPS = 20000
 DEFAULT_CGROUP = "/run/lbd/cgroupv2"
+# How long a datapath that finds none of its maps pinned (a new node, or a switch from
+# iptables or ipvs) leaves mid-flow TCP segments without a conntrack entry to the kernel's
+# NAT (lb_config.takeover_until_ns): the connections the previous mode balanced keep
+# their backend instead of being reset; and replies tc translates skip the stack, whose
+# nat hooks the previous mode may still hold (see lbd_reply in bpf_lb/tc.c). Long enough
+# for an idle keep-alive connection (HTTP servers close those after 1-5 minutes) to send
+# again; a flow seen in it stays on the kernel's NAT for its lifetime.
+TAKEOVER_SECONDS = 600.0
 
 
 def check_host() -> None:
@@ -193,9 +201,15 @@ class EbpfBackend:
 
     # --- start ------------------------------------------------------------------------------
 
-    def _plan_options(self) -> PlanOptions:
+    def _plan_options(self, view: MapView) -> PlanOptions:
         if self._options is None:
             cookie = netns_cookie(self.netns) if self.hostns_only else 0
+            if self.datapath.fresh:
+                takeover = time.monotonic_ns() + int(TAKEOVER_SECONDS * 1e9)
+                log.info("taking the node over", pass_mid_flow_tcp_seconds=TAKEOVER_SECONDS)
+            else:
+                # a restart keeps the takeover its predecessor started, if any
+                takeover = view.config.takeover_until_ns if view.config else 0
             self._options = PlanOptions(
                 lb_algorithm=self._lb_algorithm,
                 maglev_table_size=self.datapath.maglev_table_size,
@@ -203,6 +217,7 @@ class EbpfBackend:
                 host_netns_cookie=cookie,
                 snat_port_min=self._snat[0],
                 snat_port_max=self._snat[1],
+                takeover_until_ns=takeover,
             )
         return self._options
 
@@ -264,7 +279,7 @@ class EbpfBackend:
             p = plan(
                 state,
                 view,
-                self._plan_options(),
+                self._plan_options(view),
                 previous=self._synced,
                 cache=self._frontends,
             )
@@ -421,6 +436,15 @@ class EbpfBackend:
         return out
 
     # --- cleanup ----------------------------------------------------------------------------
+
+    def hand_over(self) -> bool:
+        """Before another mode's first sync: its datapath may drop the replies this one
+        translates (see LBD_CFG_HANDOVER in bpf_lb/lb.h), so they bypass the stack from
+        now on. False when nothing is pinned."""
+        with self._lock:
+            self._view = None  # the config changed under the plan's feet
+            self._synced = None
+            return _on_datapath(self.datapath, Datapath.mark_handover, False)
 
     def withdraw(self) -> int:
         """Stop taking new flows, the first half of handing a node to another mode: every

@@ -271,6 +271,9 @@ class Datapath:
         self._tables: dict[str, Any] = {}
         self._tc_devices: dict[str, str] = {}  # device -> role ("netdev" | "pod")
         self.cgroup: Path | None = None
+        # Whether `load` found none of lbd's maps pinned: no eBPF datapath served this
+        # node before (a new node, or a switch from another mode).
+        self.fresh = False
 
     # --- layout -------------------------------------------------------------------------
 
@@ -344,6 +347,7 @@ class Datapath:
                 raise LoaderError(f"{self.pin_dir} is not inside a bpffs mount")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         (self.pin_dir / LINKS_DIR).mkdir(exist_ok=True)
+        self.fresh = not any((self.pin_dir / n).exists() for n in maps.MAP_SPECS)
         self._drop_incompatible_pins()
         try:
             self._bpf = BPF(text=source_text().encode(), cflags=self.cflags())
@@ -630,6 +634,17 @@ class Datapath:
             if _entries(*self.dump(name), ks, vs) != _entries(keys, values, ks, vs):
                 return False
         return self._read_summaries() == (v.maglev, v.aff_match, v.src_ranges, v.config)
+
+    def mark_handover(self) -> bool:
+        """Tell the programs another mode is taking the node over (LBD_CFG_HANDOVER).
+        False when no configuration was ever written (nothing served here)."""
+        table = self.table(CONFIG)
+        cfg = table[ct.c_uint32(0)]
+        if not any(bytes(cfg)):
+            return False
+        cfg.flags |= maps.CFG_HANDOVER
+        table[ct.c_uint32(0)] = cfg
+        return True
 
     def withdraw_frontends(self) -> int:
         """Delete every service map entry: heads first, so no lookup meets a head whose

@@ -93,6 +93,8 @@ class PlanOptions:
     host_netns_cookie: int = 0
     snat_port_min: int = 0  # 0: the datapath's default range (1024-65535)
     snat_port_max: int = 0
+    # lb_config.takeover_until_ns: CLOCK_MONOTONIC end of a takeover from another mode
+    takeover_until_ns: int = 0
 
     def __post_init__(self) -> None:
         if self.lb_algorithm not in ALGORITHMS:
@@ -983,6 +985,7 @@ def _config(state: ProxyState, options: PlanOptions) -> Config:
         flags=flags,
         snat_port_min=options.snat_port_min,
         snat_port_max=options.snat_port_max,
+        takeover_until_ns=options.takeover_until_ns,
     )
 
 

@@ -9,6 +9,7 @@ successful sync; reading the kernel back for status; and removing lbd's rules.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -234,11 +235,32 @@ class IptablesBackend:
 
     # --- cleanup ------------------------------------------------------------------------
 
-    def cleanup(self, remove_kube_leftovers: bool = False) -> None:
-        """Remove lbd's chains and jumps, in both families and both variants, and nothing
-        else; with `remove_kube_leftovers`, kube-proxy's KUBE-* chains too (not kubelet's)."""
-        owned = _owned_by_lbd_or_kube_proxy if remove_kube_leftovers else _owned_by_lbd
-        errors = []
+    def hand_over(self) -> bool:
+        """Before the eBPF mode's first sync: remove the rule dropping forwarded packets
+        that conntrack calls INVALID. Every flow tc translates is INVALID to conntrack
+        (it sees the backend's address one way and the frontend's the other), so from
+        the moment tc balances until `withdraw`, it would drop each new flow's packets
+        (a request lost per switch, typically), until the old mode is removed right
+        after that first sync. True when a rule was removed."""
+        removed = False
+        for tools in self._tools_in_use():
+            try:
+                table = parse_save(tools.save("filter")).get("filter")
+                doomed = [
+                    rule
+                    for rule in (table.rules_of(r.FORWARD) if table else [])
+                    if rule.target == "DROP" and "INVALID" in rule.line
+                ]
+                if doomed:
+                    lines = "".join(f"-D {r.FORWARD} {rule.line}\n" for rule in doomed)
+                    tools.restore(f"*filter\n{lines}COMMIT\n")
+                    removed = True
+            except IptablesError as e:
+                log.info("iptables.hand_over_skipped", tool=tools.binary(), error=str(e))
+        return removed
+
+    def _tools_in_use(self) -> Iterator[Tools]:
+        """The tools of both families and both variants that may hold lbd's rules."""
         for variant in VARIANTS:
             for family in (IPFamily.V4, IPFamily.V6):
                 tools = self._tools(family, variant)
@@ -246,18 +268,26 @@ class IptablesBackend:
                     continue
                 if variant == "legacy" and not tools.legacy_tables():
                     continue  # never used here; reading would instantiate its tables
-                try:
-                    saved = tools.save()
-                except IptablesError as e:
-                    log.info("iptables.cleanup_skipped", tool=tools.binary(), error=str(e))
-                    continue
-                payload = removal_payload(saved, owned)
-                if payload is None:
-                    continue
-                try:
-                    tools.restore(payload)
-                except IptablesError as e:
-                    errors.append(str(e))
+                yield tools
+
+    def cleanup(self, remove_kube_leftovers: bool = False) -> None:
+        """Remove lbd's chains and jumps, in both families and both variants, and nothing
+        else; with `remove_kube_leftovers`, kube-proxy's KUBE-* chains too (not kubelet's)."""
+        owned = _owned_by_lbd_or_kube_proxy if remove_kube_leftovers else _owned_by_lbd
+        errors = []
+        for tools in self._tools_in_use():
+            try:
+                saved = tools.save()
+            except IptablesError as e:
+                log.info("iptables.cleanup_skipped", tool=tools.binary(), error=str(e))
+                continue
+            payload = removal_payload(saved, owned)
+            if payload is None:
+                continue
+            try:
+                tools.restore(payload)
+            except IptablesError as e:
+                errors.append(str(e))
         self._applied.clear()
         self._synced_state = None
         if errors:

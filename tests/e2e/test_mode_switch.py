@@ -4,6 +4,8 @@ running. The new mode takes over, the old mode's datapath disappears, nothing fa
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +18,9 @@ from backends.base import HostUnsupported
 from backends.registry import check_host
 from lbd.daemon import MODE_SWITCH_DRAIN_SECONDS
 from lbd.testing.env import LbdEnv
+from lbd.testing.netns import socket_in
 from lbd.testing.objects import EndpointSpec, PortSpec, endpoint_slice, service
-from lbd.testing.traffic import SteadyTraffic, tcp_request
+from lbd.testing.traffic import Reply, SteadyTraffic, tcp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel, pytest.mark.reliability]
 
@@ -127,10 +130,15 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
             assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
             assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
             previous = mode
-    # A connection caught mid-handshake while both datapaths are in place can be lost:
-    # iptables drops conntrack-INVALID packets, and replies that eBPF's tc translated are
-    # INVALID to the kernel's conntrack. The new mode retires the old one right after
-    # its first sync, so that window is milliseconds; every other request succeeds.
+    # What cost requests at a handover, and what handles it now (the README, Reliability):
+    # connections iptables NATed reach tc mid-flow and go on to the kernel's NAT, whose
+    # nat chains stay for a drain; iptables' rule dropping conntrack-INVALID packets goes
+    # before tc balances; tc's translated replies bypass the stack while another mode's
+    # state is there (nf_nat remapped their source port, IPVS's local frontends made
+    # them martians); leaving ebpf, its programs stay for the flows it balanced.
+    if pod.failures or ext.failures:  # shown with -s: which request, when, and why
+        print("\n" + describe_failures(pod, ext, switched_at))
+        print("node-1's lbd log:\n" + env.logs("node-1", tail=200))
     failures: dict[str, int] = {}
     for traffic in (pod, ext):
         by_switch = failures_by_switch(traffic.failures, switched_at)
@@ -141,11 +149,13 @@ def test_mode_switch_walk_with_traffic(env: LbdEnv, tmp_path: Path):
         for phase, n in by_switch.items():
             failures[phase] = failures.get(phase, 0) + n
     print(f"\nfailed requests per switch (both clients): {failures}")  # shown with -s
-    # Leaving ebpf, its frontends go first and its programs stay for the flows it
-    # balanced (a drain): without that, each client lost the request in flight when tc
-    # detached (two of two, in every walk).
-    away_from_ebpf = sum(n for phase, n in failures.items() if phase.startswith("ebpf->"))
-    assert away_from_ebpf <= 1, failures
+    # Left, so at most one per switch: at ebpf -> iptables, a request caught in the
+    # milliseconds between iptables' first sync, whose INVALID rule drops the packets tc
+    # forwards, and the withdrawal of ebpf's frontends (none seen yet); in the VM, one
+    # timeout in the ipvs -> iptables phase 8 s before the iptables daemon even started,
+    # with IPVS alone serving, and one NodePort request at ebpf -> ipvs 1.4 s after
+    # ebpf's frontends were withdrawn (once each, in different walks; not explained).
+    assert all(n <= 1 for n in failures.values()), failures
     # ... and once the drain is over, nothing of ebpf is left.
     _wait(lambda: not pinned(env, "node-1"), timeout=MODE_SWITCH_DRAIN_SECONDS + 20)
 
@@ -160,6 +170,25 @@ def failures_by_switch(failures: list, switched_at: list[tuple[float, str]]) -> 
                 phase = name
         out[phase] = out.get(phase, 0) + 1
     return out
+
+
+def describe_failures(
+    pod: SteadyTraffic, ext: SteadyTraffic, switched_at: list[tuple[float, str]]
+) -> str:
+    """Each failed request: its switch, when in it, and how it failed (for -s runs)."""
+    wall = time.time() - time.monotonic()  # log lines carry wall-clock times
+    lines = []
+    for who, traffic in (("pod", pod), ("ext", ext)):
+        for f in traffic.failures:
+            at, phase = max(((a, n) for a, n in switched_at if a <= f.at), default=(f.at, "before"))
+            stamp = (
+                time.strftime("%H:%M:%S", time.gmtime(f.at + wall)) + f"{(f.at + wall) % 1:.3f}"[1:]
+            )
+            lines.append(
+                f"  {who} {phase} +{f.at - at:.2f}s ({stamp}Z) {f.error}"
+                f" after {f.latency:.2f}s: {f.detail}"
+            )
+    return "\n".join(lines)
 
 
 def pinned(env: LbdEnv, node: str) -> list[Path]:
@@ -187,3 +216,85 @@ def _wait(check, timeout: float = 15.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.2)
+
+
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection: each `ask` is a new request on the same TCP
+    connection (the echo servers keep HTTP connections open)."""
+
+    def __init__(self, ns: str, ip: str, port: int) -> None:
+        self.sock = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(5.0)
+        self.sock.connect((ip, port))
+
+    def ask(self) -> str:
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("closed by the peer")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"Content-Length: (\d+)", head)
+        assert match, head
+        while len(body) < int(match.group(1)):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("closed by the peer")
+            body += chunk
+        return Reply.parse(body).pod
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_connections_opened_through_iptables_survive_the_switch_to_ebpf(
+    env: LbdEnv, tmp_path: Path
+):
+    """A connection iptables NATed, still open when tc takes over, keeps its backend: tc
+    leaves it to the kernel's conntrack rather than balancing its next segment anew
+    (which resets it unless the same backend comes out: 3 of 4 here)."""
+    node1 = env.node("node-1")
+    # The kernel applies a conntrack entry's NAT only while some nat table is in place:
+    # on a node, the CNI's or the container runtime's masquerade rule. Here nothing else
+    # uses nat, and lbd's own chains leave with iptables mode.
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            env.cluster.netns_of("node-1"),
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "198.51.100.0/24",
+            "-j",
+            "MASQUERADE",
+        ],
+        check=True,
+    )
+    conns = [KeepAlive(env.cluster.pod("pod-1-1").netns, "10.96.8.8", 80) for _ in range(8)]
+    conns += [KeepAlive(env.cluster.external.netns, node1.ipv4, 30777) for _ in range(8)]
+    before = [c.ask() for c in conns]
+    env.stop_daemon("node-1")
+    env.start_daemon("node-1", argv=daemonset_argv(env, "ebpf", "node-1", tmp_path), wait=False)
+    env.wait_healthy("node-1", timeout=90)
+    env.wait_synced()
+    assert "10.96.8.8:80" in lbd_status(env, "ebpf")
+    after: list[str] = []
+    for c in conns:
+        try:
+            after.append(c.ask())
+        except OSError as err:
+            after.append(f"failed: {err!r}")
+    assert after == before
+    assert iptables_rules(env, "node-1") == 0  # iptables mode has left meanwhile
+    # new connections are tc's
+    assert tcp_request(env.cluster.pod("pod-1-2").netns, "10.96.8.8", 80).pod
+    assert tcp_request(env.cluster.external.netns, node1.ipv4, 30777).pod
+    for c in conns:
+        c.close()
