@@ -102,17 +102,24 @@ def other_modes(cfg: ProxyConfig, netns: str | None = None) -> list[tuple[str, B
     return out
 
 
-def hand_over_modes(others: list[tuple[str, Backend]], new_mode: str) -> list[str]:
+def hand_over_modes(
+    others: list[tuple[str, Backend]], new_mode: str, new_backend: Backend | None = None
+) -> list[str]:
     """Before `new_mode`'s first sync: prepare the other modes' datapaths for it (see
-    EbpfBackend.hand_over and IptablesBackend.hand_over). The modes prepared."""
+    EbpfBackend.hand_over and IptablesBackend.hand_over), and an eBPF `new_backend` for
+    taking over the connections iptables balanced (EbpfBackend.take_over). The modes
+    prepared."""
     told = []
     for mode, backend in others:
         if mode == "iptables" and new_mode == "ebpf":
+            from backends.ebpf.backend import EbpfBackend  # the new mode's: importable
             from backends.iptables.backend import IptablesBackend  # built, so importable
 
             assert isinstance(backend, IptablesBackend)
-            if backend.hand_over():
+            if backend.hand_over():  # lbd's rules were there
                 told.append(mode)
+                if isinstance(new_backend, EbpfBackend):
+                    new_backend.take_over()
         if mode == "ebpf":
             from backends.ebpf.backend import EbpfBackend  # built, so importable
 

@@ -139,13 +139,13 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _hand_over(self) -> None:
-        """Before the first sync, prepare another mode's datapath for this one's arrival
-        (a mode switch away from ebpf: see EbpfBackend.hand_over)."""
+        """Before the first sync, prepare another mode's datapath for this one's arrival,
+        and this one for taking the node over (see registry.hand_over_modes)."""
         try:
             assert self._other_modes is not None  # set by run()
             others = await self._other_modes
             told = await asyncio.get_running_loop().run_in_executor(
-                None, hand_over_modes, others, self.cfg.mode
+                None, hand_over_modes, others, self.cfg.mode, self.backend
             )
         except Exception as err:  # noqa: BLE001 - leftovers must not stop this mode
             log.error("mode.hand_over_failed", error=str(err)[:500])

@@ -63,13 +63,16 @@ DEFAULT_BPFFS = "/sys/fs/bpf/lbd/default"
 # generation (see lbd.model.build.gc_paused); small ones leave them to the usual collections.
 FREEZE_AFTER_OPS = 20000
 DEFAULT_CGROUP = "/run/lbd/cgroupv2"
-# How long a datapath that finds none of its maps pinned (a new node, or a switch from
-# iptables or ipvs) leaves mid-flow TCP segments without a conntrack entry to the kernel's
-# NAT (lb_config.takeover_until_ns): the connections the previous mode balanced keep
-# their backend instead of being reset; and replies tc translates skip the stack, whose
-# nat hooks the previous mode may still hold (see lbd_reply in bpf_lb/tc.c). Long enough
-# for an idle keep-alive connection (HTTP servers close those after 1-5 minutes) to send
-# again; a flow seen in it stays on the kernel's NAT for its lifetime.
+# How long a datapath taking a node over from iptables (whose rules it found there, see
+# backends.registry.hand_over_modes) leaves mid-flow TCP segments without a conntrack
+# entry to the kernel's NAT (lb_config.takeover_until_ns): the connections the previous
+# mode balanced keep their backend instead of being reset; and replies tc translates skip
+# the stack, whose nat hooks the previous mode may still hold (see lbd_reply in
+# bpf_lb/tc.c). Long enough for an idle keep-alive connection (HTTP servers close those
+# after 1-5 minutes) to send again; a flow seen in it stays on the kernel's NAT for its
+# lifetime. A node lbd's eBPF mode is the first to serve gets no window: a mid-flow
+# segment without an entry there means lbd_ct lost the flow, and balancing it again is
+# the better guess (Maglev picks the same backend).
 TAKEOVER_SECONDS = 600.0
 
 
@@ -194,6 +197,7 @@ class EbpfBackend:
         # plan only the service ports that changed since.
         self._synced: ProxyState | None = None
         self._frontends = FrontendCache()
+        self._taking_over = False  # see take_over
         self._lock = threading.RLock()
         self._gc_stop = threading.Event()
         self._gc_thread: threading.Thread | None = None
@@ -204,7 +208,7 @@ class EbpfBackend:
     def _plan_options(self, view: MapView) -> PlanOptions:
         if self._options is None:
             cookie = netns_cookie(self.netns) if self.hostns_only else 0
-            if self.datapath.fresh:
+            if self._taking_over:
                 takeover = time.monotonic_ns() + int(TAKEOVER_SECONDS * 1e9)
                 log.info("taking the node over", pass_mid_flow_tcp_seconds=TAKEOVER_SECONDS)
             else:
@@ -436,6 +440,13 @@ class EbpfBackend:
         return out
 
     # --- cleanup ----------------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Before the first sync: another mode's datapath served this node until now, and
+        the connections it balanced are to keep their backend (TAKEOVER_SECONDS)."""
+        with self._lock:
+            self._taking_over = True
+            self._options = None
 
     def hand_over(self) -> bool:
         """Before another mode's first sync: its datapath may drop the replies this one

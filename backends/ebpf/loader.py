@@ -271,9 +271,6 @@ class Datapath:
         self._tables: dict[str, Any] = {}
         self._tc_devices: dict[str, str] = {}  # device -> role ("netdev" | "pod")
         self.cgroup: Path | None = None
-        # Whether `load` found none of lbd's maps pinned: no eBPF datapath served this
-        # node before (a new node, or a switch from another mode).
-        self.fresh = False
 
     # --- layout -------------------------------------------------------------------------
 
@@ -347,7 +344,6 @@ class Datapath:
                 raise LoaderError(f"{self.pin_dir} is not inside a bpffs mount")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         (self.pin_dir / LINKS_DIR).mkdir(exist_ok=True)
-        self.fresh = not any((self.pin_dir / n).exists() for n in maps.MAP_SPECS)
         self._drop_incompatible_pins()
         try:
             self._bpf = BPF(text=source_text().encode(), cflags=self.cflags())

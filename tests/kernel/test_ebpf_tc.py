@@ -526,6 +526,10 @@ def test_status_reads_the_kernel(cluster, node1):
         f"{p.ipv4}:8080" for p in cluster.pods
     )
     assert not node1.needs_full_sync()
+    # no other mode served this node before: nothing to take over, so a mid-flow segment
+    # without a conntrack entry is balanced again (lb_config.takeover_until_ns)
+    config = node1.datapath.read_view().config
+    assert config is not None and config.takeover_until_ns == 0
     # `lbd status` in another process: reads the pins, compiles nothing, attaches nothing
     reader = EbpfBackend(netns=node.netns, cgroup=None, bpffs=str(node1.bpffs))
     started = time.monotonic()
