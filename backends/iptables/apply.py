@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lbd.model.state import IPFamily
@@ -196,3 +197,16 @@ def detect_variant(netns: str | None = None) -> str:
     if "legacy" in version:
         return "legacy"
     return "nft"
+
+
+def tools_in_use(make: Callable[[IPFamily, str], Tools]) -> Iterator[Tools]:
+    """The tools (`make(family, variant)`) of both families and both variants that may
+    hold lbd's rules: installed, and for legacy, with tables already in use."""
+    for variant in VARIANTS:
+        for family in (IPFamily.V4, IPFamily.V6):
+            tools = make(family, variant)
+            if not tools.available():
+                continue
+            if variant == "legacy" and not tools.legacy_tables():
+                continue  # never used here; reading would instantiate its tables
+            yield tools

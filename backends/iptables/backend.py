@@ -9,7 +9,6 @@ successful sync; reading the kernel back for status; and removing lbd's rules.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -17,8 +16,8 @@ import structlog
 from backends.base import FrontendStatus, SyncResult
 from backends.conntrack import delete_stale_udp_flows, stale_udp_flows
 from backends.iptables import render as r
-from backends.iptables.apply import VARIANTS, IptablesError, Tools, detect_variant
-from backends.iptables.status import frontends, parse_save, removal_payload
+from backends.iptables.apply import VARIANTS, IptablesError, Tools, detect_variant, tools_in_use
+from backends.iptables.status import frontends, parse_save, remove_chains
 from lbd.model.state import IPFamily, ProxyState
 
 log = structlog.get_logger("lbd.backends.iptables")
@@ -239,11 +238,11 @@ class IptablesBackend:
         """Before the eBPF mode's first sync: remove the rule dropping forwarded packets
         that conntrack calls INVALID. Every flow tc translates is INVALID to conntrack
         (it sees the backend's address one way and the frontend's the other), so from
-        the moment tc balances until `withdraw`, it would drop each new flow's packets
-        (a request lost per switch, typically), until the old mode is removed right
-        after that first sync. True when a rule was removed."""
+        the moment tc balances until this mode is removed, right after that first sync,
+        it would drop each new flow's packets (a request lost per switch, typically).
+        True when a rule was removed."""
         removed = False
-        for tools in self._tools_in_use():
+        for tools in tools_in_use(self._tools):
             try:
                 table = parse_save(tools.save("filter")).get("filter")
                 doomed = [
@@ -259,35 +258,11 @@ class IptablesBackend:
                 log.info("iptables.hand_over_skipped", tool=tools.binary(), error=str(e))
         return removed
 
-    def _tools_in_use(self) -> Iterator[Tools]:
-        """The tools of both families and both variants that may hold lbd's rules."""
-        for variant in VARIANTS:
-            for family in (IPFamily.V4, IPFamily.V6):
-                tools = self._tools(family, variant)
-                if not tools.available():
-                    continue
-                if variant == "legacy" and not tools.legacy_tables():
-                    continue  # never used here; reading would instantiate its tables
-                yield tools
-
     def cleanup(self, remove_kube_leftovers: bool = False) -> None:
         """Remove lbd's chains and jumps, in both families and both variants, and nothing
         else; with `remove_kube_leftovers`, kube-proxy's KUBE-* chains too (not kubelet's)."""
         owned = _owned_by_lbd_or_kube_proxy if remove_kube_leftovers else _owned_by_lbd
-        errors = []
-        for tools in self._tools_in_use():
-            try:
-                saved = tools.save()
-            except IptablesError as e:
-                log.info("iptables.cleanup_skipped", tool=tools.binary(), error=str(e))
-                continue
-            payload = removal_payload(saved, owned)
-            if payload is None:
-                continue
-            try:
-                tools.restore(payload)
-            except IptablesError as e:
-                errors.append(str(e))
+        errors = remove_chains(tools_in_use(self._tools), owned, "iptables.cleanup_skipped")
         self._applied.clear()
         self._synced_state = None
         if errors:

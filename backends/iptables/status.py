@@ -8,11 +8,14 @@ that removes a set of chains and every rule jumping to them (cleanup).
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import structlog
 
 from backends.base import FrontendStatus
 from backends.iptables import render as r
+from backends.iptables.apply import IptablesError, Tools
 
 _KIND_BY_SUFFIX = (
     (" cluster IP", "ClusterIP"),
@@ -225,6 +228,29 @@ def frontends(nat_save: str, filter_save: str = "") -> list[FrontendStatus]:
                 continue
             add(named[0], named[1], _frontend(rule.opts["-d"], rule.opts["--dport"], proto), ())
     return sorted(found.values(), key=lambda f: (f.service, f.kind, f.frontend))
+
+
+def remove_chains(
+    tools: Iterable[Tools], owned: Callable[[str], bool], skipped_event: str
+) -> list[str]:
+    """Delete every chain `owned` accepts, and each rule jumping to one, through each of
+    `tools` (see removal_payload). A table that cannot be read is logged as
+    `skipped_event` and left; the errors of the restores that failed."""
+    errors: list[str] = []
+    for t in tools:
+        try:
+            saved = t.save()
+        except IptablesError as e:
+            structlog.get_logger().info(skipped_event, tool=t.binary(), error=str(e))
+            continue
+        payload = removal_payload(saved, owned)
+        if payload is None:
+            continue
+        try:
+            t.restore(payload)
+        except IptablesError as e:
+            errors.append(str(e))
+    return errors
 
 
 def removal_payload(saved: str, owned: Callable[[str], bool]) -> str | None:

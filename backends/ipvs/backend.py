@@ -20,9 +20,9 @@ import structlog
 
 from backends.base import FrontendStatus, SyncResult
 from backends.conntrack import delete_stale_udp_flows, stale_udp_flows
-from backends.iptables.apply import VARIANTS, IptablesError, Tools, detect_variant
+from backends.iptables.apply import VARIANTS, IptablesError, Tools, detect_variant, tools_in_use
 from backends.iptables.render import Jump
-from backends.iptables.status import Table, parse_save, removal_payload
+from backends.iptables.status import Table, parse_save, remove_chains
 from backends.ipvs import plan as p
 from backends.ipvs.apply import Kernel, KernelError
 from backends.ipvs.status import frontends
@@ -255,26 +255,7 @@ class IpvsBackend:
     def cleanup(self) -> None:
         """Remove lbd's IPVS chains (every variant and family), its virtual servers, its
         ipsets and lbd-ipvs0 — and nothing else. Safe on hosts without IPVS or ipset."""
-        errors: list[str] = []
-        for variant in VARIANTS:
-            for family in (IPFamily.V4, IPFamily.V6):
-                tools = self._tools(family, variant)
-                if not tools.available():
-                    continue
-                if variant == "legacy" and not tools.legacy_tables():
-                    continue  # never used here; reading would instantiate its tables
-                try:
-                    saved = tools.save()
-                except IptablesError as e:
-                    log.info("ipvs.cleanup_skipped", tool=tools.binary(), error=str(e))
-                    continue
-                payload = removal_payload(saved, _owned_chain)
-                if payload is None:
-                    continue
-                try:
-                    tools.restore(payload)
-                except IptablesError as e:
-                    errors.append(str(e))
+        errors = remove_chains(tools_in_use(self._tools), _owned_chain, "ipvs.cleanup_skipped")
         # Rules referencing the ipsets are gone now, so the sets can be destroyed.
         with Kernel(self.netns) as kernel:
             errors.extend(kernel.remove_all_owned(ipset=Path("/sys/module/ip_set").exists()))
