@@ -418,9 +418,10 @@ static __always_inline int lbd_reply(struct __sk_buff *skb, struct lbd_pkt *p, _
 		 * form). Taking over (takeover_until_ns): while a nat table is in place,
 		 * conntrack picks the translated reply up as a flow of its own and nf_nat may
 		 * remap its source port (frontend:80 left as frontend:148, seen on 6.1). */
+		if (!ingress)
+			return TC_ACT_OK; /* egress: no config lookup on this per-packet path */
 		cfg = lbd_get_config();
-		if (ingress && cfg &&
-		    ((cfg->flags & LBD_CFG_HANDOVER) || now < cfg->takeover_until_ns))
+		if (cfg && ((cfg->flags & LBD_CFG_HANDOVER) || now < cfg->takeover_until_ns))
 			return lbd_fib_redirect(skb, p);
 		return TC_ACT_OK;
 	}
